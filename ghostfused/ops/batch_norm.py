@@ -1,0 +1,91 @@
+"""BatchNorm state as the fused ops take it, and the op that updates running statistics.
+
+The fused ops are functional (PyTorch allows an autograd formula only on a functional op): they return the batch
+statistics they normalised with, and ``ghostfused::batch_norm_update_stats`` then applies the ``nn.BatchNorm2d``
+running-statistics update, declaring its mutation in its schema so that ``torch.compile`` functionalizes it.
+"""
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+class BatchNorm(NamedTuple):
+    """The state of one ``nn.BatchNorm2d``: affine parameters [C], running statistics [C], the batch counter,
+    ``momentum`` (None: cumulative average) and ``eps``."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+    momentum: Optional[float]
+    eps: float
+
+    @classmethod
+    def of(cls, module: nn.BatchNorm2d) -> "BatchNorm":
+        """The state of ``module``, sharing its tensors (updates land in the module's buffers)."""
+        return cls(module.weight, module.bias, module.running_mean, module.running_var, module.num_batches_tracked,
+                   module.momentum, module.eps)
+
+
+def is_fusable(module: nn.Module) -> bool:
+    """Whether the fused ops reproduce ``module``: an affine BatchNorm2d that tracks running statistics."""
+    return (isinstance(module, nn.BatchNorm2d) and module.affine and module.track_running_stats
+            and module.running_mean is not None and module.num_batches_tracked is not None)
+
+
+def as_batch_norm(value, name: str) -> BatchNorm:
+    """Accept an ``nn.BatchNorm2d`` or a :class:`BatchNorm`; anything else is a TypeError naming ``name``."""
+    if isinstance(value, BatchNorm):
+        return value
+    if isinstance(value, nn.BatchNorm2d):
+        if not is_fusable(value):
+            raise ValueError(f"{name}: the fused ops need an affine BatchNorm2d that tracks running statistics")
+        return BatchNorm.of(value)
+    raise TypeError(f"{name} must be an nn.BatchNorm2d or ghostfused.ops.BatchNorm, got {type(value).__name__}")
+
+
+@torch.library.custom_op("ghostfused::batch_norm_update_stats",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def batch_norm_update_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                            batch_mean: Tensor, batch_var: Tensor, count: int, momentum: Optional[float]) -> None:
+    """The running-statistics update of ``nn.BatchNorm2d`` in training mode, in place.
+
+    running_mean, running_var: [C] buffers (any float dtype); num_batches_tracked: [] int64, incremented;
+    batch_mean, batch_var: [C], the batch mean and *biased* variance over ``count`` values per channel.
+    ``momentum=None`` is the cumulative average ``1 / num_batches_tracked``. An empty batch (``count == 0``)
+    only increments the counter, as ``nn.BatchNorm2d`` does.
+    """
+    num_batches_tracked.add_(1)
+    if count == 0:
+        return
+    factor = 1.0 / num_batches_tracked.to(batch_mean.dtype) if momentum is None else momentum
+    unbiased_var = batch_var * (count / (count - 1))
+    running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)
+    running_var.copy_(running_var * (1 - factor) + unbiased_var * factor)
+
+
+@batch_norm_update_stats.register_fake
+def _(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, count, momentum):
+    return None
+
+
+def schema_lists(bns: Sequence[BatchNorm]) -> tuple[list, list, list, list, list]:
+    """The ``bn_weight, bn_bias, bn_mean, bn_var, bn_eps`` arguments of a fused op's schema."""
+    return ([bn.weight for bn in bns], [bn.bias for bn in bns], [bn.running_mean for bn in bns],
+            [bn.running_var for bn in bns], [float(bn.eps) for bn in bns])
+
+
+def update_running_stats(bns: Sequence[BatchNorm], stats_mean: Tensor, stats_var: Tensor,
+                         counts: Sequence[int]) -> None:
+    """Apply each BatchNorm's running update from the packed statistics a fused op returned.
+
+    stats_mean, stats_var: [sum of the BatchNorms' channels], in the order of ``bns``; counts: values per channel.
+    """
+    sizes = [bn.running_mean.shape[0] for bn in bns]
+    for bn, mean, var, count in zip(bns, stats_mean.detach().split(sizes), stats_var.detach().split(sizes), counts):
+        batch_norm_update_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var, count,
+                                bn.momentum)

@@ -1,0 +1,87 @@
+"""How every fused op is registered: one forward op, one backward op, one autograd formula.
+
+All fused ops share a calling convention, so the registration is written once here:
+
+* arguments: the differentiable tensors first (``x``, weights, ...), then ``Tensor[] bn_weight, Tensor[] bn_bias,
+  Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps`` (one entry per BatchNorm), then the op's flags, then
+  ``str backend`` (a concrete backend name, resolved by the caller);
+* ``ghostfused::<op>(...) -> (Tensor out, Tensor stats_mean, Tensor stats_var)`` returns the output and the packed
+  statistics the BatchNorms normalised with (see ``ghostfused.reference``);
+* ``ghostfused::<op>_backward(Tensor grad_out, ...same arguments, with the saved statistics as bn_mean / bn_var...)
+  -> (one gradient per leading tensor, Tensor grad_bn_weight, Tensor grad_bn_bias)``, the BatchNorm gradients
+  packed like the statistics.
+
+Both dispatch to ``backends.implementation(backend, op)``. The backward is an op of its own so that
+``torch.compile`` traces it as one opaque node too.
+"""
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference import memory_format_of, stats_dtype
+
+
+def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Callable):
+    """Register ``ghostfused::<name>`` and ``ghostfused::<name>_backward`` with fake kernels and autograd.
+
+    arguments: the schema's arguments without ``backend``; num_tensors: how many leading tensors are
+    differentiable; fake_output(*args without backend) -> (out, stats_channels) gives the output's fake tensor and the length of
+    the packed statistics. Returns the forward op.
+    """
+
+    def forward(*args):
+        *args, backend = args
+        return backends.implementation(backend, name).forward(*args)
+
+    def backward(grad_out, *args):
+        *args, backend = args
+        grad_out = grad_out.contiguous(memory_format=memory_format_of(args[0]))
+        return backends.implementation(backend, name).backward(grad_out, *args)
+
+    forward_op = torch.library.custom_op(
+        f"ghostfused::{name}", forward, mutates_args=(),
+        schema=f"({arguments}, str backend) -> (Tensor, Tensor, Tensor)")
+    backward_op = torch.library.custom_op(
+        f"ghostfused::{name}_backward", backward, mutates_args=(),
+        schema=f"(Tensor grad_out, {arguments}, str backend) -> ({', '.join(['Tensor'] * (num_tensors + 2))})")
+
+    @forward_op.register_fake
+    def _(*args):
+        out, channels = fake_output(*args[:-1])
+        stats = args[0].new_empty((channels,), dtype=stats_dtype(args[0]))
+        return out, stats, torch.empty_like(stats)
+
+    @backward_op.register_fake
+    def _(grad_out, *args):
+        tensors = [torch.empty_like(t) for t in args[:num_tensors]]
+        channels = sum(w.shape[0] for w in args[num_tensors])
+        grad_bn = args[0].new_empty((channels,), dtype=stats_dtype(args[0]))
+        return (*tensors, grad_bn, torch.empty_like(grad_bn))
+
+    def setup_context(ctx, inputs, output):
+        _, stats_mean, stats_var = output
+        ctx.mark_non_differentiable(stats_mean, stats_var)
+        bn_weight, bn_bias = inputs[num_tensors], inputs[num_tensors + 1]
+        ctx.num_bn = len(bn_weight)
+        ctx.flags = inputs[num_tensors + 4:]  # bn_eps, the op's flags, backend
+        ctx.save_for_backward(*inputs[:num_tensors], *bn_weight, *bn_bias, stats_mean, stats_var)
+
+    def autograd_backward(ctx, grad_out, _grad_mean, _grad_var):
+        saved = ctx.saved_tensors
+        tensors = saved[:num_tensors]
+        bn_weight = list(saved[num_tensors:num_tensors + ctx.num_bn])
+        bn_bias = list(saved[num_tensors + ctx.num_bn:num_tensors + 2 * ctx.num_bn])
+        stats_mean, stats_var = saved[-2:]
+        sizes = [w.shape[0] for w in bn_weight]
+        grads = backward_op(grad_out, *tensors, bn_weight, bn_bias, list(stats_mean.split(sizes)),
+                            list(stats_var.split(sizes)), *ctx.flags)
+        grad_bn_weight = [g.to(w.dtype) for g, w in zip(grads[-2].split(sizes), bn_weight)]
+        grad_bn_bias = [g.to(b.dtype) for g, b in zip(grads[-1].split(sizes), bn_bias)]
+        no_grad = [None] * ctx.num_bn  # tensor-list inputs (bn_mean, bn_var) take lists
+        return (*grads[:num_tensors], grad_bn_weight, grad_bn_bias, no_grad, no_grad, *([None] * len(ctx.flags)))
+
+    forward_op.register_autograd(autograd_backward, setup_context=setup_context)
+    return forward_op

@@ -1,0 +1,61 @@
+"""``ghostfused::ghost_concat``: the Ghost module's primary and cheap convolutions and their concat (SPEC 2.2).
+
+``out = cat([act(BN0(conv1x1(x))), act(BN1(depthwise(x1)))], dim=1)[:, :oup]`` as one op with one autograd node;
+every backend writes both branches straight into their channel ranges of one output.
+"""
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference import memory_format_of
+from . import checks
+from .batch_norm import as_batch_norm, schema_lists, update_running_stats
+from .define import define_fused_op
+
+ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor[] bn_weight, Tensor[] bn_bias, "
+             "Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, int oup, bool relu, bool training")
+
+
+def _fake_output(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu, training):
+    n, _, h, w = x.shape
+    out = x.new_empty((n, oup, h, w)).contiguous(memory_format=memory_format_of(x))
+    return out, primary_weight.shape[0] + cheap_weight.shape[0]
+
+
+ghost_concat_op = define_fused_op("ghost_concat", ARGUMENTS, num_tensors=3, fake_output=_fake_output)
+
+
+def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tensor, cheap_bn, oup: int, *,
+                 relu: bool = True, training: bool = False, backend: str = "auto") -> Tensor:
+    """The 'original' Ghost module as one fused op.
+
+    Args:
+        x: [N, Cin, H, W], float16 / bfloat16 / float32 / float64, contiguous or channels_last.
+        primary_weight: [init, Cin, 1, 1], x's dtype (the 1x1 primary convolution).
+        primary_bn, cheap_bn: ``nn.BatchNorm2d`` modules (or ``ghostfused.ops.BatchNorm``) of init and new channels;
+            parameters in x's dtype or float32. In training their running statistics are updated in place.
+        cheap_weight: [new, 1, dw, dw], x's dtype (depthwise, ``groups=init``, new a multiple of init, dw odd).
+        oup: output channels, ``init <= oup <= init + new``.
+        relu: ReLU after both BatchNorms.
+        training: normalise with batch statistics and update the running ones (else use the running ones).
+        backend: 'auto', 'eager', 'triton', 'cpu' or 'cuda'.
+
+    Returns:
+        [N, oup, H, W] in x's dtype, laid out like x.
+    """
+    checks.check_input(x)
+    init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
+    checks.check_oup(oup, init, new)
+    bns = [as_batch_norm(primary_bn, "primary_bn"), as_batch_norm(cheap_bn, "cheap_bn")]
+    checks.check_batch_norm(bns[0], "primary_bn", init, x)
+    checks.check_batch_norm(bns[1], "cheap_bn", new, x)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    checks.check_training_count(count, "x", training)
+    out, stats_mean, stats_var = ghost_concat_op(
+        x, primary_weight, cheap_weight, *schema_lists(bns), oup, bool(relu), bool(training),
+        backends.resolve(backend, x.device))
+    if training:
+        update_running_stats(bns, stats_mean, stats_var, [count, count])
+    return out
+

@@ -1,0 +1,51 @@
+"""Builds the C++ extension ``ghostfused._C``.
+
+A CUDAExtension when torch is a CUDA build and nvcc is found, a CppExtension otherwise;
+GHOSTFUSED_BUILD_CUDA=0/1 forces either. TORCH_CUDA_ARCH_LIST is honoured by torch's build helpers.
+"""
+
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_cuda() -> bool:
+    forced = os.environ.get("GHOSTFUSED_BUILD_CUDA")
+    if forced is not None:
+        if forced == "1" and (torch.version.cuda is None or CUDA_HOME is None):
+            raise RuntimeError("GHOSTFUSED_BUILD_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME)")
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    with_cuda = build_cuda()
+    files = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    kwargs = dict(
+        name="ghostfused._C",
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        define_macros=[("GHOSTFUSED_WITH_CUDA", "1" if with_cuda else "0")],
+        extra_link_args=["-fopenmp"],
+    )
+    if not with_cuda:
+        return CppExtension(sources=files, extra_compile_args={"cxx": cxx}, **kwargs)
+    files += sources("csrc/cuda/*.cu") + sources("csrc/cuda/*_glue.cpp")
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    return CUDAExtension(sources=files, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,158 @@
+"""ghostfused.convert on our model, official-style and timm-style modules: same tensors, same results."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ghostfused
+from ghostfused import reference
+from ghostfused.models import ghostnetv2
+
+from helpers import assert_close, assert_modules_match, cpu_backends, randomize_batch_norms, run_step
+
+BACKENDS = cpu_backends()
+
+
+class OfficialStyleGhostModule(nn.Module):
+    """Written like the official GhostNetV2 code: ``oup``, ``nn.Sequential()`` as the identity activation."""
+
+    def __init__(self, inp, oup, relu=True, mode="attn"):
+        super().__init__()
+        self.mode, self.oup = mode, oup
+        self.gate_fn = nn.Sigmoid()
+        init = math.ceil(oup / 2)
+        act = lambda: nn.ReLU(inplace=True) if relu else nn.Sequential()
+        self.primary_conv = nn.Sequential(nn.Conv2d(inp, init, 1, 1, 0, bias=False), nn.BatchNorm2d(init), act())
+        self.cheap_operation = nn.Sequential(nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=False),
+                                             nn.BatchNorm2d(init), act())
+        if mode == "attn":
+            self.short_conv = nn.Sequential(
+                nn.Conv2d(inp, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup),
+                nn.Conv2d(oup, oup, (1, 5), 1, (0, 2), groups=oup, bias=False), nn.BatchNorm2d(oup),
+                nn.Conv2d(oup, oup, (5, 1), 1, (2, 0), groups=oup, bias=False), nn.BatchNorm2d(oup))
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        out = torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, :self.oup]
+        if self.mode == "original":
+            return out
+        res = self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2))
+        return out * F.interpolate(self.gate_fn(res), size=out.shape[-2:], mode="nearest")
+
+
+class TimmStyleGhostModule(OfficialStyleGhostModule):
+    """timm's naming: ``out_chs`` instead of ``oup``, no ``mode`` attribute, nn.Identity when there is no act."""
+
+    def __init__(self, inp, oup, relu=True, attn=True):
+        super().__init__(inp, oup, relu, "attn" if attn else "original")
+        self.out_chs = oup
+        del self.oup
+        if not relu:
+            self.primary_conv[2] = nn.Identity()
+            self.cheap_operation[2] = nn.Identity()
+
+    def forward(self, x):
+        self.oup = self.out_chs
+        self.mode = "attn" if hasattr(self, "short_conv") else "original"
+        return super().forward(x)
+
+
+class Net(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.body = nn.Sequential(make(6, 7), nn.ReLU(), make(7, 6))
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", ["official", "timm", "ours"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_convert_keeps_outputs_gradients_and_statistics(backend, style, training):
+    make = {"official": lambda i, o: OfficialStyleGhostModule(i, o, mode="attn"),
+            "timm": lambda i, o: TimmStyleGhostModule(i, o, relu=o % 2 == 0),
+            "ours": lambda i, o: reference.GhostModuleV2(i, o, mode="attn")}[style]
+    model = randomize_batch_norms(Net(make)).double().train(training)
+    fused = copy.deepcopy(model)
+    keys = list(fused.state_dict())
+    fused = ghostfused.convert(fused, backend=backend)
+    assert list(fused.state_dict()) == keys
+    assert all(isinstance(m, ghostfused.nn.GhostModuleV2) for m in fused.body if not isinstance(m, nn.ReLU))
+    for _ in range(2):
+        x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+        grad = torch.randn(2, 6, 6, 5, dtype=torch.float64)
+        expected, expected_dx = run_step(model, x, grad)
+        actual, actual_dx = run_step(fused, x, grad)
+        assert_close(actual, expected, torch.float64, "output")
+        assert_close(actual_dx, expected_dx, torch.float64, "input gradient")
+    assert_modules_match(model, fused, torch.float64)
+
+
+def test_convert_shares_parameter_and_buffer_tensors():
+    model = ghostnetv2(1.0, backend=None)
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    fused = ghostfused.convert(model, backend="eager")
+    assert fused is model
+    assert {k: v.data_ptr() for k, v in fused.state_dict().items()} == before
+    fused_modules = [m for m in fused.modules() if isinstance(m, ghostfused.nn.GhostModuleV2)]
+    assert len(fused_modules) == 32
+
+
+def test_convert_whole_model_matches_eager():
+    model = randomize_batch_norms(ghostnetv2(1.0, num_classes=10, backend=None)).eval()
+    fused = ghostfused.convert(copy.deepcopy(model), backend="auto")
+    x = torch.randn(2, 3, 64, 40)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unfusable_module_stays_with_one_warning():
+    model = nn.Sequential(reference.GhostModuleV2(4, 6, kernel_size=3), reference.GhostModuleV2(6, 6))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ghostfused.convert(model, backend="eager")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "0" in messages[0] and "1x1" in messages[0], messages
+    assert type(model[0]) is reference.GhostModuleV2
+    assert isinstance(model[1], ghostfused.nn.GhostModuleV2)
+
+
+def test_frozen_batch_norm_uses_the_eager_path():
+    """A BatchNorm in eval mode inside a training module (a common fine-tuning setup) behaves as eager."""
+    model = randomize_batch_norms(reference.GhostModuleV2(3, 4, mode="attn")).double().train()
+    model.short_conv[3].eval()
+    fused = ghostfused.convert(copy.deepcopy(model), backend="eager")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x))
+    assert_modules_match(model, fused, torch.float64)
+
+
+def test_convert_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        ghostfused.convert(nn.Sequential(), backend="fast")
+    with pytest.raises(TypeError, match="nn.Module"):
+        ghostfused.convert("model")
+
+
+def test_converted_model_compiles_fullgraph():
+    model = randomize_batch_norms(ghostnetv2(1.0, num_classes=10, backend=None))
+    fused = ghostfused.convert(copy.deepcopy(model))
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)  # the last stage is 2x2, the smallest the DFC pooling takes
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+    compiled.train()
+    model.train()
+    torch.manual_seed(1)
+    compiled(x).sum().backward()
+    torch.manual_seed(1)
+    model(x).sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3, msg=name)
+    assert_modules_match(model, fused, torch.float32)

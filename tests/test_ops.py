@@ -1,0 +1,163 @@
+"""Every fused op on every backend that runs here, against the eager reference modules.
+
+Forward, input and parameter gradients and running statistics, in train and eval mode, odd and non-square sizes,
+contiguous and channels_last, plus gradcheck in float64 and torch.library.opcheck. Kernel outputs are NaN-poisoned
+before each launch (GHOSTFUSED_POISON_OUTPUTS, set in conftest), so an unwritten element fails.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ghostfused
+from ghostfused import ops
+
+from helpers import assert_close, assert_modules_match, cpu_backends, fused_copy, ghost_module, run_step
+
+BACKENDS = cpu_backends()
+
+# (N, Cin, oup, H, W): odd, non-square, the 7x7 of the last stage, N = 1 and 3, oup odd and even.
+SHAPES = [(2, 3, 5, 5, 7), (1, 4, 6, 7, 7), (3, 5, 4, 4, 9), (2, 2, 3, 2, 3)]
+
+
+def _input(shape, dtype, channels_last):
+    n, cin, _, h, w = shape
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["original", "attn"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_matches_reference(backend, mode, shape, training):
+    dtype = torch.float64
+    reference = ghost_module(shape[1], shape[2], mode=mode, dtype=dtype).train(training)
+    fused = fused_copy(reference, backend)
+    for step in range(2):  # two steps: running statistics compound
+        x = _input(shape, dtype, channels_last=step == 1)
+        grad = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=dtype)
+        expected, expected_dx = run_step(reference, x, grad)
+        actual, actual_dx = run_step(fused, x, grad)
+        assert_close(actual, expected, dtype, "output")
+        assert_close(actual_dx, expected_dx, dtype, "input gradient")
+        assert actual.is_contiguous(memory_format=torch.channels_last if step == 1 else torch.contiguous_format)
+    assert_modules_match(reference, fused, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["original", "attn"])
+@pytest.mark.parametrize("options", [dict(dfc_kernel_size=3, upsample="bilinear", relu=False),
+                                     dict(dfc_kernel_size=7, upsample="nearest", dw_size=5, ratio=3)],
+                         ids=["k3-bilinear-norelu", "k7-dw5-ratio3"])
+def test_module_options_match_reference(backend, mode, options):
+    dtype = torch.float64
+    reference = ghost_module(3, 7, mode=mode, dtype=dtype, **options).train()
+    fused = fused_copy(reference, backend)
+    x = torch.randn(2, 3, 5, 6, dtype=dtype)
+    grad = torch.randn(2, 7, 5, 6, dtype=dtype)
+    expected, expected_dx = run_step(reference, x, grad)
+    actual, actual_dx = run_step(fused, x, grad)
+    assert_close(actual, expected, dtype, "output")
+    assert_close(actual_dx, expected_dx, dtype, "input gradient")
+    assert_modules_match(reference, fused, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_running_statistics_over_steps(backend, momentum):
+    dtype = torch.float64
+    reference = ghost_module(3, 5, dtype=dtype).train()
+    for bn in reference.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.momentum = momentum
+    fused = fused_copy(reference, backend)
+    for _ in range(3):
+        x = torch.randn(2, 3, 5, 4, dtype=dtype)
+        reference(x)
+        fused(x)
+    assert_modules_match(reference, fused, dtype)
+    assert int(fused.short_conv[5].num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["original", "attn"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch(backend, mode, training):
+    reference = ghost_module(3, 4, mode=mode).train(training)
+    fused = fused_copy(reference, backend)
+    x = torch.randn(0, 3, 4, 5, dtype=torch.float64)
+    grad = torch.randn(0, 4, 4, 5, dtype=torch.float64)
+    expected, expected_dx = run_step(reference, x, grad)
+    actual, actual_dx = run_step(fused, x, grad)
+    assert actual.shape == expected.shape == (0, 4, 4, 5)
+    assert actual_dx.shape == expected_dx.shape
+    assert_modules_match(reference, fused, torch.float64)
+
+
+def _op_arguments(mode, n=2, cin=3, oup=5, h=5, w=6, dtype=torch.float64, training=True):
+    """Arguments of the public op function for a random module, and the module."""
+    module = ghost_module(cin, oup, mode="attn", dtype=dtype)
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    p, c, s = module.primary_conv, module.cheap_operation, module.short_conv
+    if mode == "ghost_concat":
+        args = (x, p[0].weight, p[1], c[0].weight, c[1], oup)
+    elif mode == "dfc_attention":
+        args = (x, torch.randn(n, oup, h, w, dtype=dtype), s[0].weight, s[1], s[2].weight, s[3], s[4].weight, s[5])
+    else:
+        args = (x, p[0].weight, p[1], c[0].weight, c[1], s[0].weight, s[1], s[2].weight, s[3], s[4].weight, s[5],
+                oup)
+    return args, module
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["ghost_concat", "dfc_attention", "ghost_attn"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(backend, op, training):
+    args, module = _op_arguments(op, n=2, cin=2, oup=3, h=4, w=5)
+    for bn in module.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.momentum = 0.0  # gradcheck reruns the op: keep the running statistics fixed
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    bn_params = [p for m in args if isinstance(m, torch.nn.BatchNorm2d) for p in (m.weight, m.bias)]
+    inputs = [t.detach().requires_grad_() for t in tensors + bn_params]
+
+    def function(*inputs):
+        it = iter(inputs[:len(tensors)])
+        call = [next(it) if isinstance(a, torch.Tensor) else a for a in args]
+        bns = iter(inputs[len(tensors):])
+        call = [ops.BatchNorm(next(bns), next(bns), a.running_mean, a.running_var, a.num_batches_tracked,
+                              a.momentum, a.eps) if isinstance(a, torch.nn.BatchNorm2d) else a for a in call]
+        return getattr(ops, op)(*call, training=training, backend=backend)
+
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["ghost_concat", "dfc_attention", "ghost_attn"])
+def test_opcheck(backend, op):
+    args, module = _op_arguments(op, n=2, cin=2, oup=3, h=4, w=5)
+    bns = [a for a in args if isinstance(a, torch.nn.BatchNorm2d)]
+    tensors = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args
+               if not isinstance(a, torch.nn.BatchNorm2d)]
+    lists = [[bn.weight for bn in bns], [bn.bias for bn in bns], [bn.running_mean for bn in bns],
+             [bn.running_var for bn in bns], [bn.eps for bn in bns]]
+    if op == "ghost_concat":
+        tail = [tensors.pop(), True, True]  # oup, relu, training
+    elif op == "ghost_attn":
+        tail = [tensors.pop(), True, "nearest", True]
+    else:
+        tail = ["nearest", True]
+    torch.library.opcheck(getattr(torch.ops.ghostfused, op).default, (*tensors, *lists, *tail, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dfc_attention_op_matches_reference(backend):
+    dtype = torch.float64
+    module = ghost_module(3, 4, dtype=dtype).eval()
+    x = torch.randn(2, 3, 7, 6, dtype=dtype)
+    features = torch.randn(2, 4, 7, 6, dtype=dtype)
+    s = module.short_conv
+    out = ops.dfc_attention(x, features, s[0].weight, s[1], s[2].weight, s[3], s[4].weight, s[5], backend=backend)
+    expected = features * F.interpolate(torch.sigmoid(s(F.avg_pool2d(x, 2))), size=(7, 6), mode="nearest")
+    assert_close(out, expected, dtype, "dfc_attention")

@@ -12,7 +12,8 @@ All fused ops share a calling convention, so the registration is written once he
   packed like the statistics.
 
 Both dispatch to ``backends.implementation(backend, op)``. The backward is an op of its own so that
-``torch.compile`` traces it as one opaque node too.
+``torch.compile`` traces it as one opaque node too. The public op functions call the forward op through
+:func:`run_fused_op`, which computes the eager reference instead while a model is exported to ONNX.
 """
 
 from typing import Callable
@@ -22,6 +23,8 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import memory_format_of, stats_dtype
+
+_OP_NAMES = {}  # forward op -> op name, for run_fused_op
 
 
 def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Callable):
@@ -84,4 +87,17 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
         return (*grads[:num_tensors], grad_bn_weight, grad_bn_bias, no_grad, no_grad, *([None] * len(ctx.flags)))
 
     forward_op.register_autograd(autograd_backward, setup_context=setup_context)
+    _OP_NAMES[forward_op] = name
     return forward_op
+
+
+def run_fused_op(op, *args):
+    """``op(*args)``: a forward op made by :func:`define_fused_op`, with its schema's arguments (backend last).
+
+    While a model is exported to ONNX (either exporter), the op's eager reference runs instead, without the custom
+    op, so that the exported graph holds standard ONNX operators (Conv, BatchNormalization, Relu, Concat, Slice,
+    AveragePool, Sigmoid, Resize, Mul) that any ONNX runtime executes. Returns ``(out, stats_mean, stats_var)``.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return backends.implementation("eager", _OP_NAMES[op]).forward(*args[:-1])
+    return op(*args)

@@ -12,7 +12,8 @@ from .. import backends
 from ..reference import memory_format_of
 from . import checks
 from .batch_norm import as_batch_norm, schema_lists, update_running_stats
-from .define import define_fused_op
+from .autocast import cast_for_autocast
+from .define import define_fused_op, run_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor features, Tensor conv_weight, Tensor horizontal_weight, Tensor vertical_weight, "
              "Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, "
@@ -46,6 +47,9 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
                   training: bool = False, backend: str = "auto") -> Tensor:
     """``features`` times the DFC attention gate computed from ``x``, as one fused op.
 
+    Under ``torch.autocast``, x, features and the convolution weights are cast to the autocast dtype (as eager autocast casts a
+    convolution's arguments); BatchNorm tensors stay as they are (see ``ghostfused.ops.autocast``).
+
     Args:
         x: [N, Cin, H, W] with H, W >= 2, float16 / bfloat16 / float32 / float64, contiguous or channels_last.
         features: [N, C, H, W], x's dtype: the tensor the gate multiplies (a Ghost module's output).
@@ -61,6 +65,8 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
         [N, C, H, W] in x's dtype, laid out like x.
     """
     checks.check_input(x)
+    x, features, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
+        x, features, conv_weight, horizontal_weight, vertical_weight)
     checks.check_attn_size(x)
     if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:
         raise ValueError("conv_weight must be a 4-D tensor [C, Cin, 1, 1]")
@@ -74,9 +80,9 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
         checks.check_batch_norm(bn, name, channels, x)
     count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     checks.check_training_count(count, "x (after 2x2 pooling)", training)
-    out, stats_mean, stats_var = dfc_attention_op(
-        x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample, bool(training),
-        backends.resolve(backend, x.device))
+    out, stats_mean, stats_var = run_fused_op(
+        dfc_attention_op, x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample,
+        bool(training), backends.resolve(backend, x.device))
     if training:
         update_running_stats(bns, stats_mean, stats_var, [count] * 3)
     return out

@@ -10,7 +10,8 @@ from .. import backends
 from ..reference import memory_format_of
 from . import checks
 from .batch_norm import as_batch_norm, schema_lists, update_running_stats
-from .define import define_fused_op
+from .autocast import cast_for_autocast
+from .define import define_fused_op, run_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor conv_weight, Tensor horizontal_weight, "
              "Tensor vertical_weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, "
@@ -35,6 +36,9 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
                backend: str = "auto") -> Tensor:
     """The 'attn' Ghost module of GhostNetV2 as one fused op.
 
+    Under ``torch.autocast``, x and the convolution weights are cast to the autocast dtype (as eager autocast casts a
+    convolution's arguments); BatchNorm tensors stay as they are (see ``ghostfused.ops.autocast``).
+
     Args:
         x: [N, Cin, H, W] with H, W >= 2, float16 / bfloat16 / float32 / float64, contiguous or channels_last.
         primary_weight, primary_bn, cheap_weight, cheap_bn, oup, relu: as in :func:`ghost_concat`.
@@ -48,6 +52,8 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
         [N, oup, H, W] in x's dtype, laid out like x.
     """
     checks.check_input(x)
+    x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
+        x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight)
     checks.check_attn_size(x)
     init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
     checks.check_oup(oup, init, new)
@@ -60,9 +66,9 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
     count = x.shape[0] * x.shape[2] * x.shape[3]
     pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     checks.check_training_count(pooled_count, "x (after 2x2 pooling)", training)
-    out, stats_mean, stats_var = ghost_attn_op(
-        x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), oup,
-        bool(relu), upsample, bool(training), backends.resolve(backend, x.device))
+    out, stats_mean, stats_var = run_fused_op(
+        ghost_attn_op, x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
+        *schema_lists(bns), oup, bool(relu), upsample, bool(training), backends.resolve(backend, x.device))
     if training:
         update_running_stats(bns, stats_mean, stats_var, [count, count] + [pooled_count] * 3)
     return out

@@ -11,7 +11,8 @@ from .. import backends
 from ..reference import memory_format_of
 from . import checks
 from .batch_norm import as_batch_norm, schema_lists, update_running_stats
-from .define import define_fused_op
+from .autocast import cast_for_autocast
+from .define import define_fused_op, run_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor[] bn_weight, Tensor[] bn_bias, "
              "Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, int oup, bool relu, bool training")
@@ -30,6 +31,9 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
                  relu: bool = True, training: bool = False, backend: str = "auto") -> Tensor:
     """The 'original' Ghost module as one fused op.
 
+    Under ``torch.autocast``, x and the convolution weights are cast to the autocast dtype (as eager autocast casts a
+    convolution's arguments); BatchNorm tensors stay as they are (see ``ghostfused.ops.autocast``).
+
     Args:
         x: [N, Cin, H, W], float16 / bfloat16 / float32 / float64, contiguous or channels_last.
         primary_weight: [init, Cin, 1, 1], x's dtype (the 1x1 primary convolution).
@@ -45,6 +49,7 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
         [N, oup, H, W] in x's dtype, laid out like x.
     """
     checks.check_input(x)
+    x, primary_weight, cheap_weight = cast_for_autocast(x, primary_weight, cheap_weight)
     init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
     checks.check_oup(oup, init, new)
     bns = [as_batch_norm(primary_bn, "primary_bn"), as_batch_norm(cheap_bn, "cheap_bn")]
@@ -52,8 +57,8 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
     checks.check_batch_norm(bns[1], "cheap_bn", new, x)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     checks.check_training_count(count, "x", training)
-    out, stats_mean, stats_var = ghost_concat_op(
-        x, primary_weight, cheap_weight, *schema_lists(bns), oup, bool(relu), bool(training),
+    out, stats_mean, stats_var = run_fused_op(
+        ghost_concat_op, x, primary_weight, cheap_weight, *schema_lists(bns), oup, bool(relu), bool(training),
         backends.resolve(backend, x.device))
     if training:
         update_running_stats(bns, stats_mean, stats_var, [count, count])

@@ -32,18 +32,37 @@ class BatchNorm(NamedTuple):
 
 
 def is_fusable(module: nn.Module) -> bool:
-    """Whether the fused ops reproduce ``module``: an affine BatchNorm2d that tracks running statistics."""
-    return (isinstance(module, nn.BatchNorm2d) and module.affine and module.track_running_stats
+    """Whether the fused ops reproduce ``module``: an affine ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``, which
+    computes as BatchNorm2d unless :func:`sync_process_group` says otherwise) that tracks running statistics."""
+    return (isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine and module.track_running_stats
             and module.running_mean is not None and module.num_batches_tracked is not None)
 
 
+def sync_process_group(module: nn.Module):
+    """The process group whose batch ``module`` normalises over now, or None when it normalises over the local batch.
+
+    Not None only for an ``nn.SyncBatchNorm`` in training while ``torch.distributed`` is initialised and the module's
+    process group (the default group when it has none) holds more than one process: the rule of
+    ``nn.SyncBatchNorm.forward``. Otherwise SyncBatchNorm computes exactly as BatchNorm2d.
+    """
+    if not (isinstance(module, nn.SyncBatchNorm) and module.training and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        return None
+    group = module.process_group or torch.distributed.group.WORLD
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
 def as_batch_norm(value, name: str) -> BatchNorm:
-    """Accept an ``nn.BatchNorm2d`` or a :class:`BatchNorm`; anything else is a TypeError naming ``name``."""
+    """Accept an ``nn.BatchNorm2d``, an ``nn.SyncBatchNorm`` that normalises over the local batch, or a
+    :class:`BatchNorm`; anything else is a TypeError (or ValueError) naming ``name``."""
     if isinstance(value, BatchNorm):
         return value
-    if isinstance(value, nn.BatchNorm2d):
+    if isinstance(value, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         if not is_fusable(value):
             raise ValueError(f"{name}: the fused ops need an affine BatchNorm2d that tracks running statistics")
+        if sync_process_group(value) is not None:
+            raise ValueError(f"{name}: this SyncBatchNorm normalises over the batch of several processes, which the "
+                             "fused ops cannot (their statistics are local); ghostfused.nn.GhostModuleV2 handles it")
         return BatchNorm.of(value)
     raise TypeError(f"{name} must be an nn.BatchNorm2d or ghostfused.ops.BatchNorm, got {type(value).__name__}")
 

@@ -37,7 +37,10 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
 
     def forward(*args):
         *args, backend = args
-        return backends.implementation(backend, name).forward(*args)
+        out, stats_mean, stats_var = backends.implementation(backend, name).forward(*args)
+        # A view output (the eager reference's channel slice when oup == init + new) would forbid in-place updates
+        # of the result, such as timm's `x += shortcut`: autograd protects a custom op's views.
+        return (out.clone() if out._base is not None else out), stats_mean, stats_var
 
     def backward(grad_out, *args):
         *args, backend = args

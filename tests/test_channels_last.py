@@ -50,20 +50,24 @@ class _KernelCalls:
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode", ["original", "attn"])
+@pytest.mark.parametrize("oup", [5, 6])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_no_layout_copy_between_module_and_kernel(monkeypatch, backend, mode, training):
+def test_no_layout_copy_between_module_and_kernel(monkeypatch, backend, mode, oup, training):
     """The kernel receives the module's channels_last input itself, the module returns the kernel's output itself,
     and the backward hands the kernel the channels_last gradient without a copy."""
-    model = randomize_batch_norms(ghostfused.reference.GhostModuleV2(5, 6, mode=mode)).train(training)
+    model = randomize_batch_norms(ghostfused.reference.GhostModuleV2(5, oup, mode=mode)).train(training)
     fused = ghostfused.convert(copy.deepcopy(model).to(memory_format=CHANNELS_LAST), backend=backend)
     calls = _KernelCalls(monkeypatch)
     x = torch.randn(2, 5, 7, 6).to(memory_format=CHANNELS_LAST).requires_grad_()
     out = fused(x)
     (kernel_x, kernel_out), = calls.forward
     assert kernel_x.data_ptr() == x.data_ptr() and kernel_x.stride() == x.stride(), "x was copied"
-    assert out.data_ptr() == kernel_out.data_ptr() and out.stride() == kernel_out.stride(), "output was copied"
+    # A kernel's fresh output comes back as it is; only a view of a backend's intermediate (the eager reference's
+    # channel slice) is copied, so that the result may be updated in place.
+    if kernel_out._base is None:
+        assert out.data_ptr() == kernel_out.data_ptr() and out.stride() == kernel_out.stride(), "output was copied"
     assert out.is_contiguous(memory_format=CHANNELS_LAST)
-    grad = torch.randn(2, 6, 7, 6).to(memory_format=CHANNELS_LAST)
+    grad = torch.randn(2, oup, 7, 6).to(memory_format=CHANNELS_LAST)
     out.backward(grad)
     kernel_grad, = calls.backward
     assert kernel_grad.data_ptr() == grad.data_ptr() and kernel_grad.stride() == grad.stride(), "grad was copied"

@@ -83,7 +83,7 @@ def _assert_state(expected: nn.Module, actual: nn.Module, what: str, grad_scale:
 
 
 def _ddp(model: nn.Module, device: torch.device) -> DDP:
-    return DDP(model, device_ids=[device] if device.type == "cuda" else None)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _ddp_batch_norm(rank: int, device: torch.device, backend: str, sync: bool = False):
@@ -184,4 +184,4 @@ def test_sync_batch_norm_matches_the_global_batch(backend):
 def test_distributed_on_gpu(scenario, backend):
     """Both processes on the one GPU (gloo): DDP with BatchNorm2d and with nn.SyncBatchNorm's own CUDA path as the
     eager reference, and the global-batch check."""
-    _spawn(scenario, device="cuda", backend=backend)
+    _spawn(scenario, device="cuda:0", backend=backend)

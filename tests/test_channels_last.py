@@ -103,13 +103,13 @@ def _ghost_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
-def _assert_whole_model_layouts_match(model, fused, x):
+def _assert_whole_model_layouts_match(model, fused, x, tolerance=1e-4):
     expected, actual = _ghost_outputs(model, x), _ghost_outputs(fused, x)
     assert len(expected) == len(actual) == 32
     for i, (e, a) in enumerate(zip(expected, actual)):
         if _is_channels_last_strided(e):
             assert a.is_contiguous(memory_format=CHANNELS_LAST), f"Ghost module {i}: not channels_last"
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=lambda m: f"Ghost module {i}: {m}")
+        torch.testing.assert_close(a, e, rtol=tolerance, atol=tolerance, msg=lambda m: f"Ghost module {i}: {m}")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -132,4 +132,4 @@ def test_channels_last_whole_model_on_gpu(backend):
     fused = ghostfused.convert(copy.deepcopy(model), backend=backend)
     x = torch.randn(4, 3, 96, 80, device="cuda").to(memory_format=CHANNELS_LAST)
     with torch.no_grad():
-        _assert_whole_model_layouts_match(model, fused, x)
+        _assert_whole_model_layouts_match(model, fused, x, tolerance=1e-2)  # TF32 on either side

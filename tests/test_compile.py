@@ -89,7 +89,8 @@ def test_inductor_on_gpu_matches_eager(backend, training):
     model = two_ghost_modules().cuda().train(training)
     fused = ghostfused.convert(copy.deepcopy(model), backend=backend)
     compiled = torch.compile(fused, fullgraph=True)  # inductor
-    _compare_steps(model, fused, compiled, [(4, 5, 14, 14), (4, 5, 14, 14)], scale=10)
+    # TF32 (cuDNN's default for float32 convolutions, and Triton's for tl.dot) on either side: a looser tolerance.
+    _compare_steps(model, fused, compiled, [(4, 5, 14, 14), (4, 5, 14, 14)], scale=25)
 
 
 @pytest.mark.gpu
@@ -102,4 +103,4 @@ def test_inductor_whole_model_on_gpu_matches_eager(backend):
     with torch.no_grad():
         for batch in (2, 5):
             x = torch.randn(batch, 3, 96, 80, device="cuda")
-            torch.testing.assert_close(compiled(x), model(x), rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-2, atol=1e-2)  # TF32 on either side

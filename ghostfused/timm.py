@@ -60,12 +60,15 @@ def patch_timm(backend: str = "auto", models: Iterable[str] = GHOSTNET_MODELS) -
     """Make ``timm.create_model(name)`` return models fused by :func:`ghostfused.convert` for each name of
     ``models`` that timm registers (default: GhostNetV1 and GhostNetV2, all widths).
 
-    ``backend``: 'auto', 'eager', 'triton', 'cpu' or 'cuda', as for ``convert``. Patching again replaces the
-    previous patch (another backend, other models). Returns the names patched, in the order given.
+    ``models``: names or one name. ``backend``: 'auto', 'eager', 'triton', 'cpu' or 'cuda', as for ``convert``.
+    Patching again replaces the previous patch (another backend, other models). Returns the names patched, in the
+    order given.
     """
     backend = backends.check_name(backend)
     if backend != "auto":
         backends.require(backend)
+    if isinstance(models, str):
+        models = [models]
     entrypoints = _entrypoints()
     patched = []
     for name in models:

@@ -66,7 +66,8 @@ def test_patch_and_unpatch_fake_timm(monkeypatch, registry_module):
         assert entrypoints["resnet18"] is originals["resnet18"]
         assert entrypoints["ghostnetv2_100"].__name__ == originals["ghostnetv2_100"].__name__
         # Patching again (another backend) replaces the patch rather than wrapping it.
-        ghostfused.patch_timm(backend="auto", models=["ghostnetv2_100", "not_a_model"])
+        assert ghostfused.patch_timm(backend="auto", models=["ghostnetv2_100", "not_a_model"]) == ["ghostnetv2_100"]
+        assert ghostfused.patch_timm(backend="auto", models="ghostnetv2_100") == ["ghostnetv2_100"]
         assert all(m.backend == "auto" for m in fused_modules(timm.create_model("ghostnetv2_100")))
         assert entrypoints["ghostnetv2_100"].__ghostfused_original__ is originals["ghostnetv2_100"]
     finally:

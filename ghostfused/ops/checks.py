@@ -40,22 +40,50 @@ def check_weight(weight, name: str, shape: Sequence[int], like: Tensor) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(weight.shape)}")
 
 
-def check_batch_norm(bn: BatchNorm, name: str, channels: int, like: Tensor) -> None:
-    """BatchNorm tensors of ``[channels]`` on x's device, in x's dtype or float32 (as ``F.batch_norm`` allows)."""
-    for field in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(bn, field)
-        full = f"{name}.{field}"
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{full} must be a torch.Tensor, got {type(t).__name__}")
-        _check_device(t, full, like)
-        if t.dtype not in (like.dtype, torch.float32):
-            raise TypeError(f"{full} must be {like.dtype} or float32, got {t.dtype}")
-        if tuple(t.shape) != (channels,):
-            raise ValueError(f"{full} must have shape ({channels},), got {tuple(t.shape)}")
+def check_batch_norms(x: Tensor, channels: Sequence[int], bn_weight, bn_bias, bn_mean, bn_var, bn_eps,
+                      names: Sequence[str] | None = None) -> None:
+    """One BatchNorm per entry of ``channels``: weight, bias, mean and var tensors of ``[channels[i]]`` on x's device,
+    in x's dtype or float32 (as ``F.batch_norm`` allows), and a positive eps.
+
+    The lists are a fused op's ``bn_weight, bn_bias, bn_mean, bn_var, bn_eps`` arguments. Messages name the BatchNorms
+    by ``names`` (``primary_bn.weight``, ``primary_bn.eps``) when given, else by the schema (``bn_weight[0]``).
+    """
+    fields = (("bn_weight", "weight", bn_weight), ("bn_bias", "bias", bn_bias), ("bn_mean", "running_mean", bn_mean),
+              ("bn_var", "running_var", bn_var), ("bn_eps", "eps", bn_eps))
+    for list_name, field, values in fields:
+        if not isinstance(values, (list, tuple)) or len(values) != len(channels):
+            got = f"{len(values)} entries" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise ValueError(f"{list_name} must be a list of {len(channels)} entries (one per BatchNorm), got {got}")
+        for i, (value, count) in enumerate(zip(values, channels)):
+            full = f"{names[i]}.{field}" if names else f"{list_name}[{i}]"
+            if field == "eps":
+                if not value > 0:
+                    raise ValueError(f"{full} must be positive, got {value}")
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{full} must be a torch.Tensor, got {type(value).__name__}")
+            _check_device(value, full, x)
+            if value.dtype not in (x.dtype, torch.float32):
+                raise TypeError(f"{full} must be {x.dtype} or float32, got {value.dtype}")
+            if tuple(value.shape) != (count,):
+                raise ValueError(f"{full} must have shape ({count},), got {tuple(value.shape)}")
+
+
+def check_momentum(bn: BatchNorm, name: str) -> None:
+    """``bn.momentum`` is in [0, 1] or None (a cumulative average)."""
     if bn.momentum is not None and not 0.0 <= bn.momentum <= 1.0:
         raise ValueError(f"{name}.momentum must be in [0, 1] or None, got {bn.momentum}")
-    if not bn.eps > 0:
-        raise ValueError(f"{name}.eps must be positive, got {bn.eps}")
+
+
+def check_grad_out(grad_out, x: Tensor, channels: int) -> None:
+    """A backward's ``grad_out``: ``[N, channels, H, W]`` with x's N, H, W, dtype and device."""
+    check_input(grad_out, "grad_out")
+    _check_device(grad_out, "grad_out", x)
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+    expected = (x.shape[0], channels, x.shape[2], x.shape[3])
+    if tuple(grad_out.shape) != expected:
+        raise ValueError(f"grad_out must have shape {expected}, got {tuple(grad_out.shape)}")
 
 
 def check_training_count(count: int, name: str, training: bool) -> None:

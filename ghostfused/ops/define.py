@@ -12,7 +12,11 @@ All fused ops share a calling convention, so the registration is written once he
   packed like the statistics.
 
 Both dispatch to ``backends.implementation(backend, op)``. The backward is an op of its own so that
-``torch.compile`` traces it as one opaque node too. The public op functions call the forward op through
+``torch.compile`` traces it as one opaque node too. Both validate their arguments (SPEC section 5) before a kernel
+sees them, so that a direct call of ``torch.ops.ghostfused.<op>`` raises as the public function does: the Python
+checks of the op for the backends written in Python, the C++ kernels' own checks (TORCH_CHECK) for ``cpu`` and
+``cuda``; the fake kernels check that all tensors share one device (the dispatcher sends a call that mixes meta and
+real tensors to them). The public op functions call the forward op through
 :func:`run_fused_op`, which computes the eager reference instead while a model is exported to ONNX.
 """
 
@@ -22,21 +26,38 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import checks
 from ..reference import memory_format_of, stats_dtype
 
 _OP_NAMES = {}  # forward op -> op name, for run_fused_op
+_KERNELS_CHECK_ARGUMENTS = ("cpu", "cuda")  # backends whose kernels validate their own arguments (C++ TORCH_CHECK)
 
 
-def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Callable):
+def _check_devices(names, args) -> None:
+    """Every tensor of ``args`` (named ``names``; tensor lists included) is on the device of ``x``."""
+    x = args[names.index("x")]
+    for name, value in zip(names, args):
+        tensors = [(f"{name}[{i}]", t) for i, t in enumerate(value)] if isinstance(value, (list, tuple)) else \
+            [(name, value)]
+        for full, t in tensors:
+            if isinstance(t, Tensor) and t.device != x.device:
+                raise ValueError(f"{full} is on {t.device} but x is on {x.device}: all tensors must share one device")
+
+
+def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Callable, check_arguments: Callable):
     """Register ``ghostfused::<name>`` and ``ghostfused::<name>_backward`` with fake kernels and autograd.
 
     arguments: the schema's arguments without ``backend``; num_tensors: how many leading tensors are
     differentiable; fake_output(*args without backend) -> (out, stats_channels) gives the output's fake tensor and the length of
-    the packed statistics. Returns the forward op.
+    the packed statistics; check_arguments(*args without backend) validates them (ValueError / TypeError naming the
+    argument) and returns the output's channel count. Returns the forward op.
     """
+    names = [argument.split()[-1] for argument in arguments.split(",")]
 
     def forward(*args):
         *args, backend = args
+        if backend not in _KERNELS_CHECK_ARGUMENTS:
+            check_arguments(*args)
         out, stats_mean, stats_var = backends.implementation(backend, name).forward(*args)
         # A view output (the eager reference's channel slice when oup == init + new) would forbid in-place updates
         # of the result, such as timm's `x += shortcut`: autograd protects a custom op's views.
@@ -44,6 +65,8 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
 
     def backward(grad_out, *args):
         *args, backend = args
+        if backend not in _KERNELS_CHECK_ARGUMENTS:
+            checks.check_grad_out(grad_out, args[0], check_arguments(*args))
         grad_out = grad_out.contiguous(memory_format=memory_format_of(args[0]))
         return backends.implementation(backend, name).backward(grad_out, *args)
 
@@ -56,12 +79,14 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
 
     @forward_op.register_fake
     def _(*args):
+        _check_devices(names, args)
         out, channels = fake_output(*args[:-1])
         stats = args[0].new_empty((channels,), dtype=stats_dtype(args[0]))
         return out, stats, torch.empty_like(stats)
 
     @backward_op.register_fake
     def _(grad_out, *args):
+        _check_devices(["grad_out"] + names, (grad_out, *args))
         tensors = [torch.empty_like(t) for t in args[:num_tensors]]
         channels = sum(w.shape[0] for w in args[num_tensors])
         grad_bn = args[0].new_empty((channels,), dtype=stats_dtype(args[0]))

@@ -26,9 +26,6 @@ def _fake_output(x, features, conv_weight, horizontal_weight, vertical_weight, b
     return out, 3 * conv_weight.shape[0]
 
 
-dfc_attention_op = define_fused_op("dfc_attention", ARGUMENTS, num_tensors=5, fake_output=_fake_output)
-
-
 def check_features(features, x: Tensor, channels: int) -> None:
     """``features`` is [N, channels, H, W] with x's N, H, W, dtype and device."""
     checks.check_input(features, "features")
@@ -40,6 +37,31 @@ def check_features(features, x: Tensor, channels: int) -> None:
     if tuple(features.shape) != expected:
         raise ValueError(f"features must have shape {expected} (x's N, H, W and conv_weight's channels), "
                          f"got {tuple(features.shape)}")
+
+
+BN_NAMES = ("conv_bn", "horizontal_bn", "vertical_bn")
+
+
+def check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var,
+                    bn_eps, upsample, training, bn_names=None) -> int:
+    """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
+    output's channel count."""
+    checks.check_input(x)
+    checks.check_attn_size(x)
+    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:
+        raise ValueError("conv_weight must be a 4-D tensor [C, Cin, 1, 1]")
+    channels = conv_weight.shape[0]
+    check_features(features, x, channels)
+    checks.check_dfc_weights(conv_weight, horizontal_weight, vertical_weight, x, channels)
+    checks.check_upsample(upsample)
+    checks.check_batch_norms(x, (channels,) * 3, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
+    checks.check_training_count(x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2), "x (after 2x2 pooling)",
+                                training)
+    return channels
+
+
+dfc_attention_op = define_fused_op("dfc_attention", ARGUMENTS, num_tensors=5, fake_output=_fake_output,
+                                   check_arguments=check_arguments)
 
 
 def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, horizontal_weight: Tensor,
@@ -67,19 +89,12 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
     checks.check_input(x)
     x, features, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
         x, features, conv_weight, horizontal_weight, vertical_weight)
-    checks.check_attn_size(x)
-    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:
-        raise ValueError("conv_weight must be a 4-D tensor [C, Cin, 1, 1]")
-    channels = conv_weight.shape[0]
-    check_features(features, x, channels)
-    checks.check_dfc_weights(conv_weight, horizontal_weight, vertical_weight, x, channels)
-    checks.check_upsample(upsample)
-    bns = [as_batch_norm(bn, name) for bn, name in
-           ((conv_bn, "conv_bn"), (horizontal_bn, "horizontal_bn"), (vertical_bn, "vertical_bn"))]
-    for bn, name in zip(bns, ("conv_bn", "horizontal_bn", "vertical_bn")):
-        checks.check_batch_norm(bn, name, channels, x)
+    bns = [as_batch_norm(bn, name) for bn, name in zip((conv_bn, horizontal_bn, vertical_bn), BN_NAMES)]
+    check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample,
+                    training, bn_names=BN_NAMES)
+    for bn, name in zip(bns, BN_NAMES):
+        checks.check_momentum(bn, name)
     count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
-    checks.check_training_count(count, "x (after 2x2 pooling)", training)
     out, stats_mean, stats_var = run_fused_op(
         dfc_attention_op, x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample,
         bool(training), backends.resolve(backend, x.device))

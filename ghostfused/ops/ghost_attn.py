@@ -27,7 +27,24 @@ def _fake_output(x, primary_weight, cheap_weight, conv_weight, horizontal_weight
     return out, primary_weight.shape[0] + cheap_weight.shape[0] + 3 * oup
 
 
-ghost_attn_op = define_fused_op("ghost_attn", ARGUMENTS, num_tensors=6, fake_output=_fake_output)
+def check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight,
+                    bn_bias, bn_mean, bn_var, bn_eps, oup, relu, upsample, training, bn_names=None) -> int:
+    """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
+    output's channel count."""
+    checks.check_input(x)
+    checks.check_attn_size(x)
+    init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
+    checks.check_oup(oup, init, new)
+    checks.check_dfc_weights(conv_weight, horizontal_weight, vertical_weight, x, oup)
+    checks.check_upsample(upsample)
+    checks.check_batch_norms(x, (init, new, oup, oup, oup), bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
+    checks.check_training_count(x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2), "x (after 2x2 pooling)",
+                                training)
+    return oup
+
+
+ghost_attn_op = define_fused_op("ghost_attn", ARGUMENTS, num_tensors=6, fake_output=_fake_output,
+                                check_arguments=check_arguments)
 
 
 def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tensor, cheap_bn, conv_weight: Tensor,
@@ -54,18 +71,14 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
     checks.check_input(x)
     x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
         x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight)
-    checks.check_attn_size(x)
-    init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
-    checks.check_oup(oup, init, new)
-    checks.check_dfc_weights(conv_weight, horizontal_weight, vertical_weight, x, oup)
-    checks.check_upsample(upsample)
     given = (primary_bn, cheap_bn, conv_bn, horizontal_bn, vertical_bn)
     bns = [as_batch_norm(bn, name) for bn, name in zip(given, BN_NAMES)]
-    for bn, name, channels in zip(bns, BN_NAMES, (init, new, oup, oup, oup)):
-        checks.check_batch_norm(bn, name, channels, x)
+    check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
+                    *schema_lists(bns), oup, relu, upsample, training, bn_names=BN_NAMES)
+    for bn, name in zip(bns, BN_NAMES):
+        checks.check_momentum(bn, name)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
-    checks.check_training_count(pooled_count, "x (after 2x2 pooling)", training)
     out, stats_mean, stats_var = run_fused_op(
         ghost_attn_op, x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
         *schema_lists(bns), oup, bool(relu), upsample, bool(training), backends.resolve(backend, x.device))

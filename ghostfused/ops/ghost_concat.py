@@ -24,7 +24,23 @@ def _fake_output(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, b
     return out, primary_weight.shape[0] + cheap_weight.shape[0]
 
 
-ghost_concat_op = define_fused_op("ghost_concat", ARGUMENTS, num_tensors=3, fake_output=_fake_output)
+BN_NAMES = ("primary_bn", "cheap_bn")
+
+
+def check_arguments(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu, training,
+                    bn_names=None) -> int:
+    """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
+    output's channel count."""
+    checks.check_input(x)
+    init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
+    checks.check_oup(oup, init, new)
+    checks.check_batch_norms(x, (init, new), bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
+    checks.check_training_count(x.shape[0] * x.shape[2] * x.shape[3], "x", training)
+    return oup
+
+
+ghost_concat_op = define_fused_op("ghost_concat", ARGUMENTS, num_tensors=3, fake_output=_fake_output,
+                                  check_arguments=check_arguments)
 
 
 def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tensor, cheap_bn, oup: int, *,
@@ -50,13 +66,11 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
     """
     checks.check_input(x)
     x, primary_weight, cheap_weight = cast_for_autocast(x, primary_weight, cheap_weight)
-    init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
-    checks.check_oup(oup, init, new)
-    bns = [as_batch_norm(primary_bn, "primary_bn"), as_batch_norm(cheap_bn, "cheap_bn")]
-    checks.check_batch_norm(bns[0], "primary_bn", init, x)
-    checks.check_batch_norm(bns[1], "cheap_bn", new, x)
+    bns = [as_batch_norm(bn, name) for bn, name in zip((primary_bn, cheap_bn), BN_NAMES)]
+    check_arguments(x, primary_weight, cheap_weight, *schema_lists(bns), oup, relu, training, bn_names=BN_NAMES)
+    for bn, name in zip(bns, BN_NAMES):
+        checks.check_momentum(bn, name)
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    checks.check_training_count(count, "x", training)
     out, stats_mean, stats_var = run_fused_op(
         ghost_concat_op, x, primary_weight, cheap_weight, *schema_lists(bns), oup, bool(relu), bool(training),
         backends.resolve(backend, x.device))

@@ -14,12 +14,19 @@ from .batch_norm import BatchNorm
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_tensor(value, name: str) -> None:
+    """``value`` is a tensor (TypeError naming ``name`` otherwise)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def check_input(x, name: str = "x") -> None:
-    """``x`` is a 4-D floating-point tensor ``[N, C, H, W]``."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    """``x`` is a 4-D floating-point tensor ``[N, C, H, W]`` with H, W >= 1 (N may be 0)."""
+    check_tensor(x, name)
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:  # eager convolutions refuse empty images (an empty batch is fine)
+        raise ValueError(f"{name} must have H >= 1 and W >= 1, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
@@ -31,8 +38,7 @@ def _check_device(t: Tensor, name: str, like: Tensor) -> None:
 
 def check_weight(weight, name: str, shape: Sequence[int], like: Tensor) -> None:
     """A convolution weight of exactly ``shape``, on x's device and in x's dtype."""
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    check_tensor(weight, name)
     _check_device(weight, name, like)
     if weight.dtype != like.dtype:
         raise TypeError(f"{name} must have x's dtype {like.dtype}, got {weight.dtype}")
@@ -43,11 +49,13 @@ def check_weight(weight, name: str, shape: Sequence[int], like: Tensor) -> None:
 def check_batch_norms(x: Tensor, channels: Sequence[int], bn_weight, bn_bias, bn_mean, bn_var, bn_eps,
                       names: Sequence[str] | None = None) -> None:
     """One BatchNorm per entry of ``channels``: weight, bias, mean and var tensors of ``[channels[i]]`` on x's device,
-    in x's dtype or float32 (as ``F.batch_norm`` allows), and a positive eps.
+    in x's dtype (or float32 for a float16 / bfloat16 x: the mixed precision ``F.batch_norm`` allows), and a positive
+    eps.
 
     The lists are a fused op's ``bn_weight, bn_bias, bn_mean, bn_var, bn_eps`` arguments. Messages name the BatchNorms
     by ``names`` (``primary_bn.weight``, ``primary_bn.eps``) when given, else by the schema (``bn_weight[0]``).
     """
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
     fields = (("bn_weight", "weight", bn_weight), ("bn_bias", "bias", bn_bias), ("bn_mean", "running_mean", bn_mean),
               ("bn_var", "running_var", bn_var), ("bn_eps", "eps", bn_eps))
     for list_name, field, values in fields:
@@ -60,11 +68,11 @@ def check_batch_norms(x: Tensor, channels: Sequence[int], bn_weight, bn_bias, bn
                 if not value > 0:
                     raise ValueError(f"{full} must be positive, got {value}")
                 continue
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{full} must be a torch.Tensor, got {type(value).__name__}")
+            check_tensor(value, full)
             _check_device(value, full, x)
-            if value.dtype not in (x.dtype, torch.float32):
-                raise TypeError(f"{full} must be {x.dtype} or float32, got {value.dtype}")
+            if value.dtype not in allowed:
+                raise TypeError(f"{full} must be {' or '.join(map(str, allowed))} for x of {x.dtype}, "
+                                f"got {value.dtype}")
             if tuple(value.shape) != (count,):
                 raise ValueError(f"{full} must have shape ({count},), got {tuple(value.shape)}")
 
@@ -110,8 +118,7 @@ def check_attn_size(x: Tensor) -> None:
 def check_dfc_weights(conv_weight, horizontal_weight, vertical_weight, x: Tensor, channels: int) -> int:
     """The DFC branch weights: ``[C, Cin, 1, 1]``, ``[C, 1, 1, K]``, ``[C, 1, K, 1]`` with K odd; returns K."""
     check_weight(conv_weight, "conv_weight", (channels, x.shape[1], 1, 1), x)
-    if not isinstance(horizontal_weight, Tensor):
-        raise TypeError(f"horizontal_weight must be a torch.Tensor, got {type(horizontal_weight).__name__}")
+    check_tensor(horizontal_weight, "horizontal_weight")
     k = horizontal_weight.shape[-1] if horizontal_weight.dim() == 4 else -1
     if k < 1 or k % 2 == 0:
         raise ValueError(f"horizontal_weight must have shape [C, 1, 1, K] with K odd, "
@@ -123,12 +130,17 @@ def check_dfc_weights(conv_weight, horizontal_weight, vertical_weight, x: Tensor
 
 def check_ghost_weights(primary_weight, cheap_weight, x: Tensor) -> tuple[int, int]:
     """Primary ``[init, Cin, 1, 1]`` and cheap ``[new, 1, dw, dw]`` (dw odd, new a multiple of init)."""
-    if not isinstance(primary_weight, Tensor) or primary_weight.dim() != 4:
-        raise ValueError("primary_weight must be a 4-D tensor [init, Cin, 1, 1]")
+    check_tensor(primary_weight, "primary_weight")
+    if primary_weight.dim() != 4:
+        raise ValueError(f"primary_weight must be a 4-D tensor [init, Cin, 1, 1], "
+                         f"got shape {tuple(primary_weight.shape)}")
     init = primary_weight.shape[0]
+    if init == 0:
+        raise ValueError("primary_weight must have at least one output channel, got shape (0, ...)")
     check_weight(primary_weight, "primary_weight", (init, x.shape[1], 1, 1), x)
-    if not isinstance(cheap_weight, Tensor) or cheap_weight.dim() != 4:
-        raise ValueError("cheap_weight must be a 4-D tensor [new, 1, dw, dw]")
+    check_tensor(cheap_weight, "cheap_weight")
+    if cheap_weight.dim() != 4:
+        raise ValueError(f"cheap_weight must be a 4-D tensor [new, 1, dw, dw], got shape {tuple(cheap_weight.shape)}")
     new, dw = cheap_weight.shape[0], cheap_weight.shape[-1]
     if new == 0 or new % init != 0 or dw % 2 == 0:
         raise ValueError(f"cheap_weight must have shape [new, 1, dw, dw] with new a multiple of init={init} and "

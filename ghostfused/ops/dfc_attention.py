@@ -48,8 +48,9 @@ def check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight
     output's channel count."""
     checks.check_input(x)
     checks.check_attn_size(x)
-    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:
-        raise ValueError("conv_weight must be a 4-D tensor [C, Cin, 1, 1]")
+    checks.check_tensor(conv_weight, "conv_weight")
+    if conv_weight.dim() != 4:
+        raise ValueError(f"conv_weight must be a 4-D tensor [C, Cin, 1, 1], got shape {tuple(conv_weight.shape)}")
     channels = conv_weight.shape[0]
     check_features(features, x, channels)
     checks.check_dfc_weights(conv_weight, horizontal_weight, vertical_weight, x, channels)

@@ -91,9 +91,11 @@ def _pooled_count(n: int, h: int, w: int) -> int:
     return n * (h // 2) * (w // 2)
 
 
-def _assert_state_matches(truth: nn.Module, fused: nn.Module, dtype: torch.dtype) -> None:
-    """Parameter gradients and buffers of ``fused`` (in ``dtype``) against those of the float64 ``truth``."""
+def _assert_state_matches(truth: nn.Module, fused: nn.Module, dtype: torch.dtype, eager: nn.Module | None) -> None:
+    """Parameter gradients and buffers of ``fused`` (in ``dtype``) against those of the float64 ``truth`` (and of
+    ``eager``, the eager module in ``dtype``, for its rounding errors: see ``assert_close_to_truth``)."""
     truth_params = dict(truth.named_parameters())
+    eager_params = dict(eager.named_parameters()) if eager is not None else {}
     for name, param in fused.named_parameters():
         expected = truth_params[name].grad
         if expected is None:
@@ -101,11 +103,13 @@ def _assert_state_matches(truth: nn.Module, fused: nn.Module, dtype: torch.dtype
         else:
             assert param.grad is not None, f"no gradient of {name}"
             assert param.grad.dtype == param.dtype, f"gradient of {name} has dtype {param.grad.dtype}"
-            assert_close_to_truth(param.grad, expected, dtype, f"gradient of {name}")
+            eager_grad = eager_params[name].grad if eager is not None else None
+            assert_close_to_truth(param.grad, expected, dtype, f"gradient of {name}", eager_grad)
     truth_buffers = dict(truth.named_buffers())
+    eager_buffers = dict(eager.named_buffers()) if eager is not None else {}
     for name, buf in fused.named_buffers():
         if buf.is_floating_point():
-            assert_close_to_truth(buf, truth_buffers[name], dtype, f"buffer {name}")
+            assert_close_to_truth(buf, truth_buffers[name], dtype, f"buffer {name}", eager_buffers.get(name))
         else:
             assert torch.equal(buf, truth_buffers[name]), f"buffer {name}: {buf} != {truth_buffers[name]}"
 
@@ -124,6 +128,7 @@ def check_module_case(case: ModuleCase, backend: str) -> None:
                           dw_size=case.dw_size, dfc_kernel_size=case.dfc_kernel_size, upsample=case.upsample,
                           relu=case.relu).train(case.training)
     truth = copy.deepcopy(module).double()
+    eager = module if case.dtype != torch.float64 else None  # eager in the case's dtype, for its rounding errors
     fused = fused_copy(module, backend)
     x = with_layout(torch.randn(case.n, case.inp, case.h, case.w, dtype=case.dtype), case.layout)
     grad = torch.randn(case.n, case.oup, case.h, case.w, dtype=case.dtype)
@@ -134,11 +139,12 @@ def check_module_case(case: ModuleCase, backend: str) -> None:
         return
     expected, expected_dx = _step(truth, x.double(), grad.double())
     actual, actual_dx = _step(fused, x, grad)
+    eager_out, eager_dx = _step(eager, x, grad) if eager is not None else (None, None)
     assert actual.dtype == case.dtype and actual.shape == expected.shape
     assert actual.is_contiguous(memory_format=reference.memory_format_of(x)), "output layout"
-    assert_close_to_truth(actual, expected, case.dtype, "output")
-    assert_close_to_truth(actual_dx, expected_dx, case.dtype, "input gradient")
-    _assert_state_matches(truth, fused, case.dtype)
+    assert_close_to_truth(actual, expected, case.dtype, "output", eager_out)
+    assert_close_to_truth(actual_dx, expected_dx, case.dtype, "input gradient", eager_dx)
+    _assert_state_matches(truth, fused, case.dtype, eager)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -173,11 +179,23 @@ def dfc_cases(draw, limits: Limits) -> DfcCase:
         dtype=draw(st.sampled_from([torch.float64, torch.float32])), seed=draw(st.integers(0, 2**31 - 1)))
 
 
+def _eager_dfc(short: nn.Module, x, features, grad, case: DfcCase, dtype: torch.dtype):
+    """The DFC attention composed of eager modules in ``dtype``: (output, (x gradient, features gradient))."""
+    x = x.detach().to(dtype).requires_grad_()
+    features = features.detach().to(dtype).requires_grad_()
+    gate = reference._upsample(torch.sigmoid(short(F.avg_pool2d(x, kernel_size=2, stride=2))), (case.h, case.w),
+                               case.upsample)
+    out = features * gate
+    out.backward(grad.to(dtype))
+    return out.detach(), (x.grad, features.grad)
+
+
 def check_dfc_case(case: DfcCase, backend: str) -> None:
     torch.manual_seed(case.seed)
     short = ghost_module(case.inp, case.channels, mode="attn", dfc_kernel_size=case.kernel_size,
                          dtype=case.dtype).short_conv.train(case.training)
     truth = copy.deepcopy(short).double()
+    eager = copy.deepcopy(short) if case.dtype != torch.float64 else None
     x = with_layout(torch.randn(case.n, case.inp, case.h, case.w, dtype=case.dtype), case.x_layout)
     features = with_layout(torch.randn(case.n, case.channels, case.h, case.w, dtype=case.dtype),
                            case.features_layout)
@@ -196,18 +214,15 @@ def check_dfc_case(case: DfcCase, backend: str) -> None:
         return
     out = fused_op()
     out.backward(grad)
-    x64 = x.detach().double().requires_grad_()
-    features64 = features.detach().double().requires_grad_()
-    gate = reference._upsample(torch.sigmoid(truth(F.avg_pool2d(x64, kernel_size=2, stride=2))),
-                               (case.h, case.w), case.upsample)
-    expected = features64 * gate
-    expected.backward(grad.double())
+    expected, expected_grads = _eager_dfc(truth, x, features, grad, case, torch.float64)
+    eager_out, eager_grads = _eager_dfc(eager, x, features, grad, case, case.dtype) if eager is not None else \
+        (None, (None, None))
     assert out.dtype == case.dtype
     assert out.is_contiguous(memory_format=reference.memory_format_of(x)), "output layout"
-    assert_close_to_truth(out.detach(), expected.detach(), case.dtype, "output")
-    assert_close_to_truth(x.grad, x64.grad, case.dtype, "x gradient")
-    assert_close_to_truth(features.grad, features64.grad, case.dtype, "features gradient")
-    _assert_state_matches(truth, short, case.dtype)
+    assert_close_to_truth(out.detach(), expected, case.dtype, "output", eager_out)
+    assert_close_to_truth(x.grad, expected_grads[0], case.dtype, "x gradient", eager_grads[0])
+    assert_close_to_truth(features.grad, expected_grads[1], case.dtype, "features gradient", eager_grads[1])
+    _assert_state_matches(truth, short, case.dtype, eager)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

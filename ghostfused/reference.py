@@ -259,7 +259,9 @@ def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tens
             else:
                 var_used, mean_used = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
     else:
-        y = F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+        # The statistics in the weight's dtype: a backward receives the saved ones in the stats dtype (float32 for
+        # float16 x), which F.batch_norm refuses beside float16 parameters.
+        y = F.batch_norm(x, mean.to(weight.dtype), var.to(weight.dtype), weight, bias, training=False, eps=eps)
         mean_used, var_used = mean.detach().to(acc), var.detach().to(acc)
     return y, mean_used, var_used
 

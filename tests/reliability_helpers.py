@@ -35,11 +35,6 @@ def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def expected_memory_format(layout: str, channels: int) -> torch.memory_format:
-    """The layout a fused op returns for an input of ``layout`` with ``channels`` channels (memory_format_of)."""
-    return torch.channels_last if layout == "channels_last" and channels > 1 else torch.contiguous_format
-
-
 def assert_close_to_truth(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str,
                           eager: torch.Tensor | None = None):
     """``actual`` (computed in ``dtype``) against ``truth`` (eager PyTorch in float64 on the same values).

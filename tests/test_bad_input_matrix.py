@@ -27,6 +27,7 @@ import torch.nn as nn
 import ghostfused
 from ghostfused import backends, ops
 
+from ecosystem_helpers import cuda_backends, requires_cuda
 from helpers import assert_close, cpu_backends, ghost_module
 
 DTYPE = torch.float32
@@ -44,12 +45,6 @@ ATTN_OPS = ("dfc_attention", "ghost_attn")
 GHOST_OPS = ("ghost_concat", "ghost_attn")
 WEIGHTS = ("primary_weight", "cheap_weight", "conv_weight", "horizontal_weight", "vertical_weight")
 ALLOWED_ERRORS = (ValueError, TypeError, RuntimeError)
-
-
-def cuda_backends() -> list[str]:
-    if not torch.cuda.is_available():
-        return []
-    return [b for b in ghostfused.available_backends() if backends.supports_device(b, torch.device("cuda"))]
 
 
 def base_values(n: int = 2, h: int = 6, w: int = 5, device: str = "cpu") -> dict:
@@ -175,7 +170,8 @@ PUBLIC_CASES = [
     Case("oup-float", _set(oup=float(OUP)), TypeError, r"oup must be an int", GHOST_OPS),
     Case("oup-bool", _set(oup=True), TypeError, r"oup must be an int", GHOST_OPS),
     # devices (meta stands in for a second device)
-    Case("x-meta", _set(x=lambda v: v["x"].to("meta")), ValueError, r"(primary_weight|features) is on cpu but x is on meta"),
+    Case("x-meta", _set(x=lambda v: v["x"].to("meta")), ValueError,
+         r"(primary_weight|features) is on cpu but x is on meta"),
     Case("primary_weight-meta", _set(primary_weight=lambda v: v["primary_weight"].to("meta")), ValueError,
          r"primary_weight is on meta but x is on cpu", GHOST_OPS),
     Case("features-meta", _set(features=lambda v: v["features"].to("meta")), ValueError,
@@ -229,13 +225,9 @@ PUBLIC_CASES = [
 ]
 
 
-def _applies(case: Case, op: str) -> bool:
-    return op in case.ops
-
-
 def _cases(cases, operations=OPS):
     return [pytest.param(op, case, id=f"{op}-{case.name}") for case in cases for op in operations
-            if _applies(case, op)]
+            if op in case.ops]
 
 
 def _eager_equivalent(values: dict) -> dict:
@@ -317,8 +309,8 @@ def test_module_unusual_inputs_match_eager(backend, mode):
     reference = ghost_module(CIN, OUP, mode=mode, dtype=torch.float64).train()
     fused = ghostfused.convert(copy.deepcopy(reference), backend=backend)
     base = torch.randn(3, CIN, 7, 6, dtype=torch.float64)
-    for x in (base[:0], base[:0].contiguous(memory_format=torch.channels_last),
-              base.contiguous(memory_format=torch.channels_last), base[:, :, ::2], base[:1, :, :1].expand(3, CIN, 7, 6)):
+    channels_last = base.contiguous(memory_format=torch.channels_last)
+    for x in (base[:0], channels_last[:0], channels_last, base[:, :, ::2], base[:1, :, :1].expand(3, CIN, 7, 6)):
         expected = reference(x)
         actual = fused(x)
         assert actual.shape == expected.shape
@@ -610,7 +602,7 @@ def test_raw_op_on_cpu(case_id):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("case_id", _raw_ids("cuda") if torch.cuda.is_available() else [])
 def test_raw_op_on_gpu(case_id):
     _check_raw("cuda", case_id)
@@ -621,7 +613,7 @@ def test_raw_op_on_gpu(case_id):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("backend", cuda_backends())
 @pytest.mark.parametrize("op", OPS)
 def test_public_op_on_gpu(backend, op):

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from ecosystem_helpers import requires_cuda
 from helpers import assert_close, fused_copy, ghost_module
 from reliability_helpers import backend_devices, interpreted
 
@@ -121,7 +122,7 @@ def child_main() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_two_runs_are_bitwise_equal_on_gpu():
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
             "import test_determinism as t; t.child_main()")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import ghostfused
 
+from ecosystem_helpers import cuda_backends, requires_cuda
 from reliability_helpers import native_cpu_backends, statm_rss_bytes
 
 WARMUP, STEPS = 20, 200
@@ -99,15 +100,8 @@ def test_training_steps_do_not_leak_on_cpu(backend):
     _assert_flat(run_child(backend, "cpu"))
 
 
-def cuda_backends() -> list[str]:
-    if not torch.cuda.is_available():
-        return []
-    return [b for b in ghostfused.available_backends()
-            if ghostfused.backends.supports_device(b, torch.device("cuda"))]
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("backend", cuda_backends())
 def test_training_steps_do_not_leak_on_gpu(backend):
     result = run_child(backend, "cuda")

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 
+from ecosystem_helpers import requires_cuda
 from helpers import TOLERANCES, fused_copy, ghost_module
 from reliability_helpers import assert_close_to_truth, backend_devices, interpreted
 
@@ -50,7 +51,6 @@ def _assert_finite_close(actual, expected, dtype, what):
 
 CPU_BACKENDS = [b for b, d in backend_devices() if d == "cpu"]
 CUDA_BACKENDS = [b for b, d in backend_devices() if d == "cuda"]
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
 
-from ghostfused import ops, reference
+pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from helpers import cpu_backends, fused_copy, ghost_module
-from reliability_helpers import LAYOUTS, assert_close_to_truth, interpreted, with_layout
+from ghostfused import ops, reference  # noqa: E402
+
+from helpers import cpu_backends, fused_copy, ghost_module  # noqa: E402
+from reliability_helpers import LAYOUTS, assert_close_to_truth, interpreted, with_layout  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,9 @@ def test_large_magnitudes(backend, mode, name, training):
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name, training", LARGE_CASES)
-def test_large_magnitudes_on_gpu(backend, mode, name, training):
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+def test_large_magnitudes_on_gpu(monkeypatch, backend, mode, name, training):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 as float32, for eager too
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     check_large(backend, "cuda", mode, name, training)
 
 

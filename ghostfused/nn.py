@@ -6,6 +6,7 @@ than ReLU, a BatchNorm without running statistics) runs the reference forward in
 BatchNorms disagree on train / eval mode.
 """
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -71,6 +72,17 @@ def unfusable_reason(module: nn.Module) -> str | None:
     return None
 
 
+def _autocast(x: Tensor, weights: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """``x`` and the convolution weights in the dtype autocast would run the replaced convolutions in, when autocast
+    is on for x's device (float64 stays as it is, as under autocast); BatchNorm parameters stay float32, which the
+    ops accept. Outside autocast, unchanged."""
+    device_type = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+        return x, weights
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), [w.to(dtype) for w in weights]
+
+
 class GhostModuleV2(reference.GhostModuleV2):
     """:class:`ghostfused.reference.GhostModuleV2` computed by the fused ops.
 
@@ -119,11 +131,14 @@ class GhostModuleV2(reference.GhostModuleV2):
             return super().forward(x)
         relu = isinstance(primary_act, nn.ReLU)
         if self.mode == "original":
-            return ops.ghost_concat(x, primary.weight, primary_bn, cheap.weight, cheap_bn, self.oup, relu=relu,
+            x, (primary_weight, cheap_weight) = _autocast(x, [primary.weight, cheap.weight])
+            return ops.ghost_concat(x, primary_weight, primary_bn, cheap_weight, cheap_bn, self.oup, relu=relu,
                                     training=training, backend=self.backend)
         short = self.short_conv
-        return ops.ghost_attn(x, primary.weight, primary_bn, cheap.weight, cheap_bn, short[0].weight, short[1],
-                              short[2].weight, short[3], short[4].weight, short[5], self.oup, relu=relu,
+        x, (primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight) = _autocast(
+            x, [primary.weight, cheap.weight, short[0].weight, short[2].weight, short[4].weight])
+        return ops.ghost_attn(x, primary_weight, primary_bn, cheap_weight, cheap_bn, conv_weight, short[1],
+                              horizontal_weight, short[3], vertical_weight, short[5], self.oup, relu=relu,
                               upsample=self.upsample, training=training, backend=self.backend)
 
     def extra_repr(self) -> str:

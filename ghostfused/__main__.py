@@ -119,7 +119,10 @@ def bench(args: argparse.Namespace, command: str) -> int:
         log(benchmark.format_roofline(outcome["roofline"]))
     for failure in outcome["failures"]:
         log(f"FAILED {failure['provider']}: {failure['error'][:1000]}")
-    log(f"wall time {wall:.0f} s")
+    load = benchmark.load_average()
+    log(f"wall time {wall:.0f} s; load average {environment['load_average']} before, {load} after "
+        f"({environment['cpu_count']} CPUs: a load above that means other processes competed for them)")
+    environment["load_average_after"] = load
     directory = args.output or Path("benchmarks/results") / (
         f"{benchmark.device_tag(config.device)}-{started.strftime('%Y%m%d-%H%M%S')}")
     report = {"command": command, "timestamp": started.isoformat(timespec="seconds"), "wall_seconds": wall,

@@ -162,14 +162,18 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iter
     return times
 
 
-def gpu_median_seconds(fn: Callable[[], object]) -> float:
-    """Median seconds of ``fn`` on the GPU: ``triton.testing.do_bench`` (L2 flushed between calls) when Triton
-    imports, else CUDA events."""
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        return statistics.median(time_calls(fn, torch.device("cuda"), warmup=10, iters=50))
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+def median_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Median seconds of one call of ``fn``: on a GPU ``triton.testing.do_bench`` (L2 flushed between calls) when
+    Triton imports, else CUDA events; on CPU the median of 10 timed calls after 2."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            pass
+        else:
+            return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+        return statistics.median(time_calls(fn, device, warmup=10, iters=50))
+    return statistics.median(time_calls(fn, device, warmup=2, iters=10))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -446,16 +450,17 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def measure_roofline(config: Config, base: nn.Module, backend_names: list[str],
-                     log: Callable[[str], None]) -> dict:
+                     log: Callable[[str], None] = echo, copy_bytes: int = 1 << 30) -> dict:
     """Each 'attn' Ghost module alone, forward in eval mode at the largest inference batch, against its bandwidth
-    floor: read x once and write the output once (SPEC section 2), over the measured copy bandwidth."""
+    floor: read x once and write the output once (SPEC section 2), over the copy bandwidth measured with
+    ``copy_bytes`` buffers. Meant for GPUs (``run`` calls it there only); it runs on CPU too."""
     from .nn import GhostModuleV2
 
     device = config.device
     dtype = AMP_DTYPES[config.dtype] or torch.float32
     element_size = ELEMENT_SIZES[config.dtype]
-    bandwidth = copy_bandwidth(device)
-    log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (device-to-device, read + write)")
+    bandwidth = copy_bandwidth(device, copy_bytes)
+    log(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s (device-to-device, read + write)")
     batch_size = max(config.batch_sizes)
     x_full = make_inputs(config, batch_size, seed=3)[0]
     modules = [(name, module, shape) for name, module, shape in ghost_module_inputs(base, x_full)
@@ -472,10 +477,10 @@ def measure_roofline(config: Config, base: nn.Module, backend_names: list[str],
         eager = copy.deepcopy(module).to(dtype).eval()
         with torch.no_grad():
             row = {"module": name, "input_shape": list(shape), "oup": module.oup, "floor_bytes": floor_bytes,
-                   "floor_s": floor_s, "eager_s": gpu_median_seconds(lambda: eager(x)), "backends": {}}
+                   "floor_s": floor_s, "eager_s": median_seconds(lambda: eager(x), device), "backends": {}}
             for backend in backend_names:
                 fused = GhostModuleV2.from_module(copy.deepcopy(module), backend).to(dtype).eval()
-                seconds = gpu_median_seconds(lambda: fused(x))
+                seconds = median_seconds(lambda: fused(x), device)
                 row["backends"][backend] = {"seconds": seconds, "percent_of_floor": 100 * floor_s / seconds}
         rows.append(row)
         log(_roofline_line(row))
@@ -563,12 +568,19 @@ def _git_commit() -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none): a load above the CPU count means other
+    processes competed for the CPUs while timing."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def environment(device: torch.device) -> dict:
     """Device name, versions, thread count and commit: what the JSON file records beside the figures."""
     from . import __version__
 
     info = {"device_type": device.type, "device_name": _cpu_name(), "cpu": _cpu_name(),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average": load_average(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
             "ghostfused": __version__, "git_commit": _git_commit(), "cuda": torch.version.cuda,
             "available_backends": backends.available_backends(),

@@ -184,13 +184,17 @@ class Runner:
         return out
 
     def results(self) -> list[torch.Tensor]:
-        """The output of one fresh call, then (with backward) the input and parameter gradients."""
-        for p in self.module.parameters():
+        """The output of one fresh call, then (with backward) the input gradients and all parameter gradients as
+        one vector (one relative error for them all: some, like a BatchNorm bias followed by another BatchNorm,
+        nearly cancel and carry no precision of their own in half precision)."""
+        parameters = list(self.module.parameters())
+        for p in parameters:
             p.grad = None
         out = self()
         if not self.backward:
             return [out]
-        return [out] + [t.grad for t in self.tensors] + [p.grad for p in self.module.parameters()]
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double() for p in parameters]
+        return [out] + [t.grad for t in self.tensors] + [torch.cat(grads)]
 
 
 def errors(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> list[float]:
@@ -223,7 +227,7 @@ def check(case: Case, provider: str, run: "Runner", device: torch.device, dtype:
     allowed = [max(TOLERANCES[dtype], 3 * e) for e in eager_errors]
     failing = [i for i, (a, limit) in enumerate(zip(actual, allowed)) if not a <= limit]
     if failing:
-        names = ["out"] + [f"grad {i}" for i in range(1, len(actual))]
+        names = ["out", *(["grad x", "grad features"][:len(actual) - 2]), "grad parameters"][:len(actual)]
         raise AssertionError(f"{case.id} [{provider}]: " + ", ".join(
             f"{names[i]} error {actual[i]:.2e} > {allowed[i]:.2e}" for i in failing))
     return max(actual)

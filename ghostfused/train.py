@@ -293,7 +293,7 @@ def train(args: argparse.Namespace) -> dict:
           flush=True)
 
     total = args.epochs * steps_per_epoch
-    progress = tqdm(total=total, unit="step", dynamic_ncols=True) if tqdm is not None else None
+    progress = tqdm(total=total, unit="step", dynamic_ncols=True, disable=None) if tqdm is not None else None
     reset_peak_memory(device)
     losses, images_seen, timed_seconds = [], 0, 0.0
     warmup_steps = min(2, total - 1)  # the first steps pay one-time costs (allocations, kernel selection)

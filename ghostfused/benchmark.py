@@ -344,8 +344,9 @@ class _Progress:
 
 
 def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True) -> dict:
-    """Check and time every provider; returns the results (the JSON file's ``results``, ``memory``, ``roofline``
-    and ``failures`` entries). ``log`` receives one line per finished measurement."""
+    """Check and time every provider; returns the JSON file's ``results`` (one row per provider, phase and batch
+    size, raw times included; training rows carry ``memory``), ``failures`` and ``roofline`` (None off GPUs).
+    ``log`` receives one line per finished measurement."""
     device, amp_dtype = config.device, AMP_DTYPES[config.dtype]
     if config.dtype == "fp16" and device.type != "cuda":
         raise ValueError("--dtype fp16 needs a GPU (autocast on CPU runs in bf16)")

@@ -50,26 +50,42 @@ run_stage() {
 }
 
 fused_gpu_backends() {
-  "$PYTHON" -c "import torch; from ghostfused import benchmark; print(','.join(benchmark.fused_backends(torch.device('cuda'))))" \
-    2>/dev/null
+  "$PYTHON" - <<'EOF' 2>/dev/null
+import torch
+from ghostfused import benchmark
+print(",".join(benchmark.fused_backends(torch.device("cuda"))))
+EOF
 }
 
 : > "$SUMMARY"
-note "ghostfused gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), stages: ${stages[*]}"
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+note "ghostfused gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $commit, stages: ${stages[*]}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv 2>&1 | tee -a "$SUMMARY"
-"$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$SUMMARY"
-"$PYTHON" -c "import triton; print('triton', triton.__version__)" 2>&1 | tee -a "$SUMMARY"
+"$PYTHON" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.is_available() and torch.cuda.get_device_name())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as error:
+    print("triton:", error)
+EOF
 
 for stage in "${stages[@]}"; do
   case $stage in
     build)
       run_stage build "$PYTHON" -m pip install -e . --no-build-isolation --no-deps
-      "$PYTHON" -c "import ghostfused, ghostfused.backends as b; print('backends:', {n: b.unavailable_reason(n) or 'available' for n in b.BACKENDS})" \
-        2>&1 | tee -a "$SUMMARY" ;;
+      "$PYTHON" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+from ghostfused import backends
+print("backends:", {name: backends.unavailable_reason(name) or "available" for name in backends.BACKENDS})
+EOF
+      ;;
     test)
       # shellcheck disable=SC2086
-      run_stage test "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests/ --junitxml="$LOGS/junit.xml" ${PYTEST_ARGS:-}
+      run_stage test "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests/ --junitxml="$LOGS/junit.xml" \
+        ${PYTEST_ARGS:-}
       grep -E "^(FAILED|ERROR)|passed|failed" "$LOGS/test.log" | tail -40 >> "$SUMMARY" ;;
     bench)
       # shellcheck disable=SC2086

@@ -393,7 +393,8 @@ def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True
                 loss_error = abs(loss - references["loss"]) / abs(references["loss"])
                 if not loss_error <= tolerance:
                     raise AssertionError(f"first training loss {loss:.6g} differs from eager's "
-                                         f"{references['loss']:.6g} by {loss_error:.3g} (relative; tolerance {tolerance})")
+                                         f"{references['loss']:.6g} by {loss_error:.3g} (relative; "
+                                         f"tolerance {tolerance})")
                 times = time_calls(lambda: step(*train_inputs), device, config.warmup, config.iters)
                 results.append({"provider": provider.name, "phase": "train", "batch_size": config.train_batch_size,
                                 "check_error": loss_error} | summarize(times))
@@ -504,7 +505,8 @@ def _measurement_line(row: dict) -> str:
 
 
 def _roofline_line(row: dict) -> str:
-    parts = [f"{name} {b['seconds'] * 1e6:.1f} us ({b['percent_of_floor']:.0f}%)" for name, b in row["backends"].items()]
+    parts = [f"{name} {b['seconds'] * 1e6:.1f} us ({b['percent_of_floor']:.0f}%)"
+             for name, b in row["backends"].items()]
     return (f"{row['module']:<20} x {tuple(row['input_shape'])} -> {row['oup']} ch: floor "
             f"{row['floor_s'] * 1e6:.1f} us, eager {row['eager_s'] * 1e6:.1f} us; " + ", ".join(parts))
 

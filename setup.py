@@ -31,7 +31,7 @@ def sources(pattern: str) -> list[str]:
 def extension():
     with_cuda = build_cuda()
     files = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     kwargs = dict(
         name="ghostfused._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include")],

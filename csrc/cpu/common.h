@@ -1,16 +1,19 @@
 // Building blocks of the CPU kernels (csrc/cpu/<op>.cpp): BatchNorm state on the host, per-plane statistics
-// combined in a fixed order, depthwise convolutions on zero-padded planes, the gate's upsampling row by row, and
-// the 1x1 convolutions as GEMMs.
+// combined in a fixed order, depthwise convolutions as flat loops, the DFC gate's upsampling, and the 1x1
+// convolutions as GEMMs.
 //
-// Layout: every kernel works on dense NCHW planes. A depthwise convolution reads a zero-padded copy of its input
-// plane (PaddedPlane) and computes on the "grid": output (i, j) sits at q = i * stride + j with stride the padded
-// width, so that each tap is one contiguous, vectorisable loop over q; the columns j >= width of the grid are
-// discarded (or kept at zero where a backward reads them).
+// Layouts: full-resolution data is dense NCHW and handled one [H, W] plane at a time, as flat arrays, so that
+// every loop is long and vectorisable even for 7x7 planes. A depthwise tap (a, b) is then one flat loop over the
+// output rows it reaches, reading the input shifted by (a - pad) rows and (b - pad) columns; the columns a shift
+// would wrap into the neighbouring row are read from a copy of the input with those columns zeroed
+// (ShiftedColumns). The quarter-resolution DFC gate is NHWC ([N, h * w, C]), vectorised over channels.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <bit>
+#include <cmath>
 #include <vector>
 
 #include "../glue.h"
@@ -23,7 +26,7 @@ namespace ghostfused::cpu {
 // float16 / bfloat16 inputs are computed in float32; float32 and float64 natively.
 at::ScalarType compute_dtype(const at::Tensor& x);
 
-// t in dtype, dense NCHW (a copy only when needed).
+// t detached, in dtype, dense NCHW (a copy only when needed).
 at::Tensor dense(const at::Tensor& t, at::ScalarType dtype);
 
 // A kernel's output computed in NCHW and the compute dtype, returned in x's dtype and layout.
@@ -42,11 +45,11 @@ std::vector<BatchNorm> batch_norms(at::TensorList bn_weight, at::TensorList bn_b
 // Replace a BatchNorm's mean / var by the batch statistics of per-channel moments.
 void set_batch_statistics(BatchNorm& bn, const std::vector<Moments>& moments);
 
-// The op's packed statistics (stats_mean, stats_var), in the stats dtype of x.
-std::tuple<at::Tensor, at::Tensor> packed_statistics(const std::vector<const BatchNorm*>& bns, const at::Tensor& x);
-
-// A vector of doubles per BatchNorm, packed into one tensor in the stats dtype of x (the BatchNorm gradients).
+// Per-BatchNorm vectors packed into one tensor in the stats dtype of x (statistics, BatchNorm gradients).
 at::Tensor packed(const std::vector<std::vector<double>>& values, const at::Tensor& x);
+
+// The op's packed statistics (stats_mean, stats_var).
+std::tuple<at::Tensor, at::Tensor> packed_statistics(const std::vector<const BatchNorm*>& bns, const at::Tensor& x);
 
 template <typename T>
 std::vector<Affine<T>> folded(const BatchNorm& bn) {
@@ -76,191 +79,246 @@ void batch_norm_param_grads(const BatchNorm& bn, const std::vector<GradSums>& su
                             std::vector<double>& bias);
 
 // partials[n * channels + c] combined over n = 0, 1, ... in order: per-channel results that do not depend on how
-// the planes were split between threads.
+// the work was split between threads.
 std::vector<Moments> combine_planes(const std::vector<Moments>& partials, int64_t batch, int64_t channels);
 std::vector<GradSums> combine_planes(const std::vector<GradSums>& partials, int64_t batch, int64_t channels);
 // partials[(n * channels + c) * taps + t] summed over n: a depthwise weight gradient [channels, taps].
 at::Tensor combine_tap_partials(const std::vector<double>& partials, int64_t batch, int64_t channels, int64_t taps,
                                 const at::TensorOptions& options);
 
-// Run body(plane) for plane in [0, count), split over the intra-op threads (at::parallel_for). Each plane is a
-// task that writes its own outputs and partial sums only.
-template <typename Body>
-void for_each_plane(int64_t count, const Body& body) {
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) body(plane);
-  });
+// exp(v), vectorisable: for float a Cephes-style range reduction and degree-6 polynomial (about 1 ulp, inputs
+// clamped to [-87.3, 88]: the result saturates where exp would underflow or overflow, NaN propagates); for double
+// the library exp.
+inline float exp_simd(float v) {
+  v = v > 88.0f ? 88.0f : v;
+  v = v < -87.3f ? -87.3f : v;
+  const float n = std::floor(v * 1.44269504088896341f + 0.5f);
+  const float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
-// A zero-padded copy of one [rows, cols] plane: pad_rows / pad_cols zeros around it, plus slack at the end so that
-// grid loops may run over whole padded rows. Only the interior is ever written, so the border stays zero.
-template <typename T>
-struct PaddedPlane {
-  int64_t rows, cols, pad_rows, pad_cols, stride;
-  std::vector<T> data;
+inline double exp_simd(double v) { return std::exp(v); }
 
-  PaddedPlane(int64_t rows, int64_t cols, int64_t pad_rows, int64_t pad_cols)
-      : rows(rows), cols(cols), pad_rows(pad_rows), pad_cols(pad_cols), stride(cols + 2 * pad_cols),
-        data((rows + 2 * pad_rows) * stride + 2 * pad_cols + 1, T(0)) {}
-  T* row(int64_t i) { return data.data() + (i + pad_rows) * stride + pad_cols; }
-  const T* row(int64_t i) const { return data.data() + (i + pad_rows) * stride + pad_cols; }
-  // Grid position q = i * stride + j reads tap (a, b) at grid_origin()[q + a * stride + b].
-  T* grid_origin() { return data.data(); }
-  const T* grid_origin() const { return data.data(); }
-  void zero() { std::fill(data.begin(), data.end(), T(0)); }
-};
-
-// out[q] = sum over taps (a, b) of taps[a * kw + b] * in[q + a * stride + b], q in [0, count); taps accumulate in
-// row-major order (ghostfused/depthwise.h).
+// sigmoid(v) = 1 / (1 + exp(-v)) with exp_simd.
 template <typename T>
-void depthwise_grid(const T* in, int64_t stride, int kh, int kw, const T* taps, T* out, int64_t count) {
-  {
-    const T w = taps[0];
-#pragma omp simd
-    for (int64_t q = 0; q < count; ++q) out[q] = w * in[q];
-  }
-  for (int t = 1; t < kh * kw; ++t) {
-    const T w = taps[t];
-    const T* src = in + (t / kw) * stride + t % kw;
-#pragma omp simd
-    for (int64_t q = 0; q < count; ++q) out[q] += w * src[q];
-  }
+T sigmoid_simd(T v) {
+  return T(1) / (T(1) + exp_simd(-v));
 }
 
-// The transposed convolution: in_grad[q + a * stride + b] += taps[a * kw + b] * grad[q].
+// dst[j * dst_stride + i] = src[i * src_stride + j] for a [rows, cols] block, in tiles that stay in L1.
 template <typename T>
-void depthwise_grid_transpose(const T* grad, int64_t stride, int kh, int kw, const T* taps, T* in_grad,
-                              int64_t count) {
-  for (int t = 0; t < kh * kw; ++t) {
-    const T w = taps[t];
-    T* dst = in_grad + (t / kw) * stride + t % kw;
-#pragma omp simd
-    for (int64_t q = 0; q < count; ++q) dst[q] += w * grad[q];
-  }
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t src_stride, T* dst, int64_t dst_stride) {
+  constexpr int64_t tile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += tile)
+    for (int64_t j0 = 0; j0 < cols; j0 += tile)
+      for (int64_t i = i0; i < std::min(rows, i0 + tile); ++i)
+        for (int64_t j = j0; j < std::min(cols, j0 + tile); ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
 }
 
-// taps_grad[a * kw + b] += sum over q of grad[q] * in[q + a * stride + b], in double.
+// Moments of count values, two passes in double.
 template <typename T>
-void depthwise_grid_weight_grad(const T* grad, const T* in, int64_t stride, int kh, int kw, int64_t count,
-                                double* taps_grad) {
-  for (int t = 0; t < kh * kw; ++t) {
-    const T* src = in + (t / kw) * stride + t % kw;
-    double sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t q = 0; q < count; ++q) sum += static_cast<double>(grad[q]) * static_cast<double>(src[q]);
-    taps_grad[t] += sum;
-  }
-}
-
-// Moments of a [rows, cols] block with row stride `stride`, two passes in double.
-template <typename T>
-Moments block_moments(const T* data, int64_t rows, int64_t cols, int64_t stride) {
-  const double count = static_cast<double>(rows * cols);
+Moments moments_of(const T* data, int64_t count) {
   if (count == 0) return {0, 0, 0};
   double sum = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* row = data + i * stride;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) sum += static_cast<double>(row[j]);
-  }
-  const double mean = sum / count;
+  for (int64_t q = 0; q < count; ++q) sum += static_cast<double>(data[q]);
+  const double mean = sum / static_cast<double>(count);
   double m2 = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* row = data + i * stride;
 #pragma omp simd reduction(+ : m2)
-    for (int64_t j = 0; j < cols; ++j) {
-      const double d = static_cast<double>(row[j]) - mean;
-      m2 += d * d;
-    }
+  for (int64_t q = 0; q < count; ++q) {
+    const double d = static_cast<double>(data[q]) - mean;
+    m2 += d * d;
   }
-  return {count, mean, m2};
+  return {static_cast<double>(count), mean, m2};
+}
+
+// sum(grad) and sum(grad * (x - mean)) over count values, in double.
+template <typename T>
+GradSums grad_sums_of(const T* grad, const T* x, double mean, int64_t count) {
+  double dy = 0, dy_centered = 0;
+#pragma omp simd reduction(+ : dy, dy_centered)
+  for (int64_t q = 0; q < count; ++q) {
+    dy += static_cast<double>(grad[q]);
+    dy_centered += static_cast<double>(grad[q]) * (static_cast<double>(x[q]) - mean);
+  }
+  return {dy, dy_centered};
 }
 
 // Per-channel moments of a dense [batch, channels, size] tensor.
 template <typename T>
 std::vector<Moments> channel_moments(const T* data, int64_t batch, int64_t channels, int64_t size) {
   std::vector<Moments> partials(batch * channels);
-  for_each_plane(batch * channels, [&](int64_t plane) {
-    partials[plane] = block_moments(data + plane * size, 1, size, size);
+  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) partials[plane] = moments_of(data + plane * size, size);
   });
   return combine_planes(partials, batch, channels);
 }
 
-// The DFC gate's upsampling from [h, w] to [H, W], row by row (index maps from ghostfused/index_maps.h).
+// A [height, width] plane for depthwise convolutions with odd kernels of size k: the plane itself (the centre
+// column's source) and, for every other tap column b, a copy whose columns that a shift by b - k / 2 would wrap into
+// are zero, with k / 2 zeros of slack at both ends. Rows are filled incrementally with set_rows.
 template <typename T>
-struct Upsample {
-  int64_t h, w, H, W;
-  bool nearest;
-  std::vector<int64_t> row_source, col_source;       // nearest
-  std::vector<BilinearTap<T>> row_taps, col_taps;    // bilinear
+struct ShiftedColumns {
+  int64_t height, width;
+  int k, pad;
+  std::vector<T> plane;
+  std::vector<std::vector<T>> shifted;  // [k] (the centre entry unused)
 
-  Upsample(int64_t h, int64_t w, int64_t H, int64_t W, bool nearest) : h(h), w(w), H(H), W(W), nearest(nearest) {
-    if (nearest) {
-      for (int64_t i = 0; i < H; ++i) row_source.push_back(nearest_source_index(i, h, H));
-      for (int64_t j = 0; j < W; ++j) col_source.push_back(nearest_source_index(j, w, W));
-    } else {
-      for (int64_t i = 0; i < H; ++i) row_taps.push_back(bilinear_tap<T>(i, h, H));
-      for (int64_t j = 0; j < W; ++j) col_taps.push_back(bilinear_tap<T>(j, w, W));
-    }
+  ShiftedColumns(int64_t height, int64_t width, int k)
+      : height(height), width(width), k(k), pad(k / 2), plane(height * width), shifted(k) {
+    for (int b = 0; b < k; ++b)
+      if (b != pad) shifted[b].assign(height * width + 2 * pad, T(0));
   }
 
-  // out[W]: full-resolution row i of the upsampled [h, w] plane; scratch[w].
-  void expand_row(const T* plane, int64_t i, T* out, T* scratch) const {
-    if (nearest) {
-      const T* src = plane + row_source[i] * w;
-      for (int64_t j = 0; j < W; ++j) out[j] = src[col_source[j]];
-      return;
-    }
-    const BilinearTap<T> r = row_taps[i];
-    const T* top = plane + r.i0 * w;
-    const T* bottom = plane + r.i1 * w;
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) scratch[j] = r.w0 * top[j] + r.w1 * bottom[j];
-    for (int64_t j = 0; j < W; ++j) {
-      const BilinearTap<T> c = col_taps[j];
-      out[j] = c.w0 * scratch[c.i0] + c.w1 * scratch[c.i1];
-    }
-  }
+  // The array that tap column b reads, indexed like the plane.
+  const T* source(int b) const { return b == pad ? plane.data() : shifted[b].data() + pad; }
 
-  // plane[h, w] += the transposed upsampling of full-resolution row i (grad[W]); scratch[w].
-  void reduce_row(const T* grad, int64_t i, T* plane, T* scratch) const {
-    std::fill(scratch, scratch + w, T(0));
-    if (nearest) {
-      for (int64_t j = 0; j < W; ++j) scratch[col_source[j]] += grad[j];
-      T* dst = plane + row_source[i] * w;
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) dst[j] += scratch[j];
-      return;
+  // Copy rows [row0, row1) of the plane into the shifted copies (after writing them into `plane`).
+  void set_rows(int64_t row0, int64_t row1) {
+    for (int b = 0; b < k; ++b) {
+      if (b == pad) continue;
+      T* dst = shifted[b].data() + pad;
+      std::copy(plane.data() + row0 * width, plane.data() + row1 * width, dst + row0 * width);
+      // Shift d < 0 wraps into the last -d columns of the row above, d > 0 into the first d of the row below.
+      const int64_t d = b - pad;
+      const int64_t col0 = d < 0 ? width + d : 0, col1 = d < 0 ? width : d;
+      for (int64_t i = row0; i < row1; ++i)
+        for (int64_t j = std::max<int64_t>(col0, 0); j < std::min<int64_t>(col1, width); ++j) dst[i * width + j] = T(0);
     }
-    for (int64_t j = 0; j < W; ++j) {
-      const BilinearTap<T> c = col_taps[j];
-      scratch[c.i0] += c.w0 * grad[j];
-      scratch[c.i1] += c.w1 * grad[j];
-    }
-    const BilinearTap<T> r = row_taps[i];
-    T* top = plane + r.i0 * w;
-    T* bottom = plane + r.i1 * w;
-    for (int64_t j = 0; j < w; ++j) top[j] += r.w0 * scratch[j];
-    for (int64_t j = 0; j < w; ++j) bottom[j] += r.w1 * scratch[j];
   }
 };
 
-// A quarter-resolution gate [batch, channels, h, w] and its upsampling to full resolution.
+// out[(i - row0) * W + j] = the depthwise convolution (taps [k * k], zero padding k / 2) of the plane, output rows
+// [row0, row1); needs the plane's rows up to row1 + k / 2. Taps accumulate one flat loop per tap over the rows
+// the tap reaches; for the 3x3 kernel of GhostNet the rows whose every tap row lies inside the plane take all nine
+// taps in one pass instead (register-blocked, in the same order).
+template <typename T>
+void depthwise_rows(const ShiftedColumns<T>& in, const T* taps, int64_t row0, int64_t row1, T* out) {
+  const int64_t width = in.width, k = in.k, pad = in.pad;
+  T* dst = out - row0 * width;  // indexed by the plane's flat position
+  const int64_t inner0 = std::clamp<int64_t>(pad, row0, row1);
+  const int64_t inner1 = std::clamp<int64_t>(in.height - pad, inner0, row1);
+  auto border = [&](int64_t first, int64_t last) {
+    if (first >= last) return;
+    std::fill(dst + first * width, dst + last * width, T(0));
+    for (int a = 0; a < k; ++a) {
+      const TapRange rows = tap_outputs(a, in.height, k);
+      const int64_t lo = std::max<int64_t>(rows.lo, first), hi = std::min<int64_t>(rows.hi, last);
+      for (int b = 0; b < k && lo < hi; ++b) {
+        const T w = taps[a * k + b];
+        const T* src = in.source(b) + (a - pad) * width + (b - pad);
+#pragma omp simd
+        for (int64_t q = lo * width; q < hi * width; ++q) dst[q] += w * src[q];
+      }
+    }
+  };
+  border(row0, inner0);
+  border(inner1, row1);
+  if (inner0 >= inner1) return;
+  if (k != 3) {  // other kernel sizes: tap by tap
+    border(inner0, inner1);
+    return;
+  }
+  const T* s0 = in.source(0) - width - 1;
+  const T* s1 = in.source(1) - width;
+  const T* s2 = in.source(2) - width + 1;
+#pragma omp simd
+  for (int64_t q = inner0 * width; q < inner1 * width; ++q)
+    dst[q] = taps[0] * s0[q] + taps[1] * s1[q] + taps[2] * s2[q] + taps[3] * s0[q + width] + taps[4] * s1[q + width] +
+             taps[5] * s2[q + width] + taps[6] * s0[q + 2 * width] + taps[7] * s1[q + 2 * width] +
+             taps[8] * s2[q + 2 * width];
+}
+
+// The backward of depthwise_rows over the whole plane, for the output gradient grad [H * W]:
+// taps_grad[t] += sum of grad * the tap's source (in double), and in_grad (per tap column, see
+// ShiftedColumnsGrad) += the transposed convolution.
+template <typename T>
+struct ShiftedColumnsGrad {
+  int64_t height, width;
+  int k, pad;
+  std::vector<std::vector<T>> columns;  // per tap column b: the gradient landing through that column shift
+
+  ShiftedColumnsGrad(int64_t height, int64_t width, int k)
+      : height(height), width(width), k(k), pad(k / 2), columns(k) {
+    for (int b = 0; b < k; ++b) columns[b].assign(height * width + 2 * pad, T(0));
+  }
+  void zero() {
+    for (auto& c : columns) std::fill(c.begin(), c.end(), T(0));
+  }
+  // sum over tap columns, without what landed in wrapped columns: the input gradient [H * W], written to out.
+  void sum_into(T* out);
+};
+
+template <typename T>
+void ShiftedColumnsGrad<T>::sum_into(T* out) {
+  const int64_t size = height * width;
+  std::copy(columns[pad].data() + pad, columns[pad].data() + pad + size, out);
+  for (int b = 0; b < k; ++b) {
+    if (b == pad) continue;
+    T* src = columns[b].data() + pad;
+    const int64_t d = b - pad;
+    const int64_t col0 = d < 0 ? width + d : 0, col1 = d < 0 ? width : d;
+    for (int64_t i = 0; i < height; ++i)
+      for (int64_t j = std::max<int64_t>(col0, 0); j < std::min<int64_t>(col1, width); ++j) src[i * width + j] = T(0);
+#pragma omp simd
+    for (int64_t q = 0; q < size; ++q) out[q] += src[q];
+  }
+}
+
+template <typename T>
+void depthwise_backward(const ShiftedColumns<T>& in, const T* taps, const T* grad, double* taps_grad,
+                        ShiftedColumnsGrad<T>& in_grad) {
+  const int64_t width = in.width, k = in.k;
+  for (int a = 0; a < k; ++a) {
+    const TapRange rows = tap_outputs(a, in.height, k);
+    if (rows.lo >= rows.hi) continue;
+    for (int b = 0; b < k; ++b) {
+      const int64_t shift = (a - in.pad) * width + (b - in.pad);
+      const T* src = in.source(b) + shift;
+      T* dst = in_grad.columns[b].data() + in.pad + shift;
+      const T w = taps[a * k + b];
+      double sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t q = rows.lo * width; q < rows.hi * width; ++q) {
+        sum += static_cast<double>(grad[q]) * static_cast<double>(src[q]);
+        dst[q] += w * grad[q];
+      }
+      taps_grad[a * k + b] += sum;
+    }
+  }
+}
+
+// The DFC gate g [N, C, h * w] upsampled to [H, W] ('nearest' or 'bilinear', ghostfused/index_maps.h).
 template <typename T>
 struct Gate {
   const T* data;
-  int64_t channels;
-  Upsample<T> upsample;
+  int64_t channels, h, w, H, W;
+  bool nearest;
+  std::vector<int64_t> row_source, col_source, col_begin;  // nearest: source row / column; columns per source column
+  std::vector<BilinearTap<T>> row_taps, col_taps;          // bilinear
 
-  const T* plane(int64_t n, int64_t c) const { return data + (n * channels + c) * upsample.h * upsample.w; }
+  Gate(const T* data, int64_t channels, int64_t h, int64_t w, int64_t H, int64_t W, bool nearest);
+
+  const T* plane(int64_t n, int64_t c) const { return data + (n * channels + c) * h * w; }
+  // out[(i - row0) * W + j], i in [row0, row1): channel c of sample n at full resolution.
+  void values(int64_t n, int64_t c, int64_t row0, int64_t row1, T* out) const;
+  // plane[h * w] += the transposed upsampling of grad[(i - row0) * W + j], i in [row0, row1).
+  void reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const;
 };
 
 // [batch, out, size] = weight[out, in] @ x[batch, in, size]: a 1x1 convolution as one (batched) GEMM.
 at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight);
 
-// [out, in] = sum over n of grad[n] @ input[n]^T (grad [batch, out, size], input [batch, in, size]): the weight
-// gradient of a 1x1 convolution. Split into fixed chunks of the reduction whose partial GEMMs are summed in
-// order, so the result does not depend on the thread count.
+// [out, in] = sum over n of grad[n] @ input[n]^T (grad [batch, out, size], input [batch, in, size], any strides):
+// the weight gradient of a 1x1 convolution. Split into fixed chunks of the reduction whose partial GEMMs are
+// summed in order, so the result does not depend on the thread count.
 at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input);
 
 }  // namespace ghostfused::cpu

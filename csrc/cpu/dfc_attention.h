@@ -7,24 +7,25 @@
 
 namespace ghostfused::cpu {
 
-// One call's DFC gate, on dense NCHW data in the compute dtype T.
+// One call's DFC gate in the compute dtype T. The pooled input and the gate are NCHW; the stages between them
+// are NHWC ([N, h * w, C]), so that the per-pixel work is vectorised over channels even for a 3x3 gate.
 template <typename T>
 struct DfcGate {
   DfcSizes sizes;
   int64_t batch, in_channels, height, width;
   at::Tensor conv_weight;        // [C, Cin]
-  at::Tensor horizontal_weight;  // [C, K]
-  at::Tensor vertical_weight;    // [C, K]
+  at::Tensor horizontal_taps;    // [K, C]: tap b of every channel contiguous
+  at::Tensor vertical_taps;      // [K, C]
   at::Tensor pooled;             // [N, Cin, h * w]: 2x2 average pool of x
-  at::Tensor z0, z1, z2;         // [N, C, h * w]: the three convolutions (z1, z2 kept only when asked)
-  at::Tensor gate;               // [N, C, h, w]
+  at::Tensor z0, z1, z2;         // [N, h * w, C]: the three convolutions (z1, z2 kept only when asked)
+  at::Tensor gate;               // [N, C, h * w]
   std::vector<BatchNorm> bns;    // conv, horizontal, vertical: with the statistics they normalise with
-  std::vector<Affine<T>> affine[3];
+  std::vector<T> scale[3], shift[3];  // each BatchNorm folded, per channel
 
   // The gate with its upsampling to x's resolution.
   Gate<T> view() const {
-    return {gate.template data_ptr<T>(), sizes.channels,
-            Upsample<T>(sizes.pooled_h, sizes.pooled_w, height, width, sizes.nearest)};
+    return Gate<T>(gate.template data_ptr<T>(), sizes.channels, sizes.pooled_h, sizes.pooled_w, height, width,
+                   sizes.nearest);
   }
 };
 
@@ -44,7 +45,7 @@ struct DfcGrads {
   std::vector<std::vector<double>> bn_weight, bn_bias;  // one vector per BatchNorm
 };
 
-// Backward from dgate [N, C, h, w] (the gradient of the gate) to the gate's inputs; g from dfc_gate with
+// Backward from dgate [N, C, h * w] (the gradient of the gate) to the gate's inputs; g from dfc_gate with
 // keep_intermediates and the saved statistics.
 template <typename T>
 DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training);

@@ -8,51 +8,56 @@
 namespace ghostfused::cpu {
 namespace {
 
-// Grid rows per block of the fused write: a block's rows stay in L1 between the cheap convolution and the write.
-constexpr int64_t kGridBlock = 4096;
-
-// Rows [begin, end) of act(BN0(y1)) into the padded plane.
-template <typename T>
-void primary_rows(const T* y, int64_t width, int64_t begin, int64_t end, Affine<T> bn, bool relu,
-                  PaddedPlane<T>& plane) {
-  for (int64_t i = begin; i < end; ++i) {
-    const T* src = y + i * width;
-    T* dst = plane.row(i);
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) dst[j] = activate(bn.scale * src[j] + bn.shift, relu);
-  }
-}
-
-// dst[j] = values[j] * gate_row[j], or values[j] without a gate.
-template <typename T>
-void store_row(const T* values, const T* gate_row, T* dst, int64_t width) {
-  if (gate_row == nullptr) {
-    std::copy(values, values + width, dst);
-    return;
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < width; ++j) dst[j] = values[j] * gate_row[j];
-}
+// Elements per row block of the fused write: a block's rows stay in L1 / L2 from the cheap convolution to the write.
+constexpr int64_t kBlockElements = 8192;
 
 // The number of cheap channels of primary channel c that land in the output (the others are dropped by [:oup]).
 int64_t kept_cheap_channels(const GhostSizes& s, int64_t c) {
   return std::clamp<int64_t>(s.oup - s.init - c * s.multiplier, 0, s.multiplier);
 }
 
-// Per-thread buffers of the passes.
+// a1[q] = act(BN0(y[q])), q in [begin, end).
+template <typename T>
+void primary_values(const T* y, Affine<T> bn, bool relu, int64_t begin, int64_t end, T* a1) {
+#pragma omp simd
+  for (int64_t q = begin; q < end; ++q) a1[q] = activate(bn.scale * y[q] + bn.shift, relu);
+}
+
+// dst[q] = values[q] * gate[q], or values[q] without a gate.
+template <typename T>
+void gated_store(const T* values, const T* gate, int64_t count, T* dst) {
+  if (gate == nullptr) {
+    std::copy(values, values + count, dst);
+    return;
+  }
+#pragma omp simd
+  for (int64_t q = 0; q < count; ++q) dst[q] = values[q] * gate[q];
+}
+
+// dgate's plane of gate channel c: grad (= grad_out * the ungated output, full resolution) reduced by the
+// transposed upsampling.
+template <typename T>
+void gate_grad(const Gate<T>& gate, const T* grad, int64_t n, int64_t c, T* dgate) {
+  T* plane = dgate + (n * gate.channels + c) * gate.h * gate.w;
+  std::fill(plane, plane + gate.h * gate.w, T(0));
+  gate.reduce(grad, 0, gate.H, plane);
+}
+
+// Per-thread buffers of the passes over one primary plane.
 template <typename T>
 struct Scratch {
-  PaddedPlane<T> a1;        // act(BN0(y1)) of the current primary plane, zero-padded by dw / 2
-  PaddedPlane<T> a1_grad;   // its gradient from the cheap convolutions (backward)
-  std::vector<T> grid;      // a cheap convolution's output on the grid
-  std::vector<T> grid_grad; // its gradient (backward)
-  std::vector<T> gate_row, gate_product, gate_scratch;
+  ShiftedColumns<T> a1;          // act(BN0(y1)) of the plane, read by the cheap convolutions
+  std::vector<T> conv;           // a cheap convolution's output (rows of a block, or the plane)
+  std::vector<T> gate;           // the gate at full resolution for the rows at hand
+  ShiftedColumnsGrad<T> a1_grad; // backward: a1's gradient from the cheap convolutions, per tap column
+  std::vector<T> a1_grad_sum, grad, product;
 
-  Scratch(const GhostSizes& s, int64_t grid_rows, bool backward, int64_t gate_width)
-      : a1(s.height, s.width, s.dw / 2, s.dw / 2),
-        a1_grad(backward ? s.height : 0, backward ? s.width : 0, s.dw / 2, s.dw / 2),
-        grid(grid_rows * a1.stride), grid_grad(backward ? grid_rows * a1.stride : 0), gate_row(s.width),
-        gate_product(s.width), gate_scratch(gate_width) {}
+  Scratch(const GhostSizes& s, int64_t rows, bool backward)
+      : a1(s.height, s.width, static_cast<int>(s.dw)), conv(rows * s.width),
+        gate(std::min(s.height, rows + 2 * (s.dw / 2)) * s.width),
+        a1_grad(backward ? s.height : 0, s.width, static_cast<int>(s.dw)),
+        a1_grad_sum(backward ? s.height * s.width : 0), grad(backward ? s.height * s.width : 0),
+        product(backward ? s.height * s.width : 0) {}
 };
 
 template <typename T>
@@ -63,77 +68,68 @@ std::vector<Moments> cheap_moments(const GhostBranch<T>& g) {
   const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
   std::vector<Moments> partials(s.batch * s.cheap);
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(s, s.height, false, 0);
-    const int64_t stride = sc.a1.stride;
+    Scratch<T> sc(s, s.height, false);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
-      primary_rows(y1 + plane * size, s.width, 0, s.height, g.primary_affine[c], g.relu, sc.a1);
+      primary_values(y1 + plane * size, g.primary_affine[c], g.relu, 0, size, sc.a1.plane.data());
+      sc.a1.set_rows(0, s.height);
       for (int64_t r = 0; r < s.multiplier; ++r) {
         const int64_t j = c * s.multiplier + r;
-        depthwise_grid(sc.a1.grid_origin(), stride, s.dw, s.dw, cheap_weight + j * taps, sc.grid.data(),
-                       s.height * stride);
-        partials[n * s.cheap + j] = block_moments(sc.grid.data(), s.height, s.width, stride);
+        depthwise_rows(sc.a1, cheap_weight + j * taps, 0, s.height, sc.conv.data());
+        partials[n * s.cheap + j] = moments_of(sc.conv.data(), size);
       }
     }
   });
   return combine_planes(partials, s.batch, s.cheap);
 }
 
-// Cheap channel j of sample n, given a1 in sc.a1: its convolution y2 into sc.grid and the gradient of its
-// BatchNorm's output into sc.grid_grad (zero on the grid's discarded columns). Returns the BatchNorm backward's
-// sums; with dgate, adds the gate's gradient (grad_out * the ungated output) into the gate plane.
+// Cheap channel j of sample n, given a1 in sc.a1: its convolution y2 into sc.conv and the gradient of its
+// BatchNorm's output into sc.grad. Returns the BatchNorm backward's sums; with dgate, writes the gate channel's
+// gradient (grad_out times the ungated output, reduced to the gate's resolution).
 template <typename T>
 GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const T* grad_out, const Gate<T>* gate,
                             T* dgate, Scratch<T>& sc) {
   const GhostSizes& s = g.sizes;
-  const int64_t och = s.init + j, stride = sc.a1.stride;
-  depthwise_grid(sc.a1.grid_origin(), stride, s.dw, s.dw, g.cheap_weight.template data_ptr<T>() + j * s.dw * s.dw,
-                 sc.grid.data(), s.height * stride);
+  const int64_t och = s.init + j, size = s.height * s.width;
+  const T* y2 = sc.conv.data();
+  depthwise_rows(sc.a1, g.cheap_weight.template data_ptr<T>() + j * s.dw * s.dw, 0, s.height, sc.conv.data());
   const Affine<T> bn = g.cheap_affine[j];
-  const double mean = g.cheap_bn.mean[j];
-  GradSums sums{0, 0};
-  for (int64_t i = 0; i < s.height; ++i) {
-    const T* y2 = sc.grid.data() + i * stride;
-    T* dv = sc.grid_grad.data() + i * stride;
-    const T* go = grad_out + ((n * s.oup + och) * s.height + i) * s.width;
-    if (gate != nullptr) gate->upsample.expand_row(gate->plane(n, och), i, sc.gate_row.data(), sc.gate_scratch.data());
-    for (int64_t col = 0; col < s.width; ++col) {
-      const T a2 = activate(bn.scale * y2[col] + bn.shift, g.relu);
-      const T grad = gate != nullptr ? go[col] * sc.gate_row[col] : go[col];
-      dv[col] = activation_backward(grad, a2, g.relu);
-      sc.gate_product[col] = go[col] * a2;
+  const bool relu = g.relu;
+  const T* go = grad_out + (n * s.oup + och) * size;
+  T* dv = sc.grad.data();
+  if (gate == nullptr) {
+#pragma omp simd
+    for (int64_t q = 0; q < size; ++q) dv[q] = activation_backward(go[q], activate(bn.scale * y2[q] + bn.shift, relu), relu);
+  } else {
+    gate->values(n, och, 0, s.height, sc.gate.data());
+    const T* gv = sc.gate.data();
+    T* product = sc.product.data();
+#pragma omp simd
+    for (int64_t q = 0; q < size; ++q) {
+      const T a2 = activate(bn.scale * y2[q] + bn.shift, relu);
+      dv[q] = activation_backward(go[q] * gv[q], a2, relu);
+      product[q] = go[q] * a2;
     }
-    std::fill(dv + s.width, dv + stride, T(0));
-    double dy = 0, dy_centered = 0;
-#pragma omp simd reduction(+ : dy, dy_centered)
-    for (int64_t col = 0; col < s.width; ++col) {
-      dy += static_cast<double>(dv[col]);
-      dy_centered += static_cast<double>(dv[col]) * (static_cast<double>(y2[col]) - mean);
-    }
-    sums = sums + GradSums{dy, dy_centered};
-    if (dgate != nullptr) {
-      const int64_t gate_size = gate->upsample.h * gate->upsample.w;
-      gate->upsample.reduce_row(sc.gate_product.data(), i, dgate + (n * s.oup + och) * gate_size,
-                                sc.gate_scratch.data());
-    }
+    if (dgate != nullptr) gate_grad(*gate, product, n, och, dgate);
   }
-  return sums;
+  return grad_sums_of(dv, y2, g.cheap_bn.mean[j], size);
 }
 
 // The cheap BatchNorm's backward sums over the batch (training only: its coefficients depend on them).
 template <typename T>
 std::vector<GradSums> cheap_grad_sums(const GhostBranch<T>& g, const T* grad_out, const Gate<T>* gate) {
   const GhostSizes& s = g.sizes;
+  const int64_t size = s.height * s.width;
   const T* y1 = g.y1.template data_ptr<T>();
   std::vector<GradSums> partials(s.batch * s.cheap, GradSums{0, 0});
-  const int64_t gate_width = gate != nullptr ? gate->upsample.w : 0;
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(s, s.height, true, gate_width);
+    Scratch<T> sc(s, s.height, true);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
       const int64_t kept = kept_cheap_channels(s, c);
       if (kept == 0) continue;
-      primary_rows(y1 + plane * s.height * s.width, s.width, 0, s.height, g.primary_affine[c], g.relu, sc.a1);
+      primary_values(y1 + plane * size, g.primary_affine[c], g.relu, 0, size, sc.a1.plane.data());
+      sc.a1.set_rows(0, s.height);
       for (int64_t r = 0; r < kept; ++r) {
         const int64_t j = c * s.multiplier + r;
         partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, static_cast<T*>(nullptr), sc);
@@ -177,16 +173,12 @@ void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   const int64_t size = s.height * s.width, taps = s.dw * s.dw, pad = s.dw / 2;
   const T* y1 = g.y1.template data_ptr<T>();
   const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
-  const int64_t block = std::max<int64_t>(1, kGridBlock / (s.width + 2 * pad));
-  const int64_t gate_width = gate != nullptr ? gate->upsample.w : 0;
+  const int64_t block = std::clamp<int64_t>(kBlockElements / std::max<int64_t>(s.width, 1), 1, s.height);
+  const bool relu = g.relu;
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(s, std::min(block, s.height), false, gate_width);
-    const int64_t stride = sc.a1.stride;
-    T* gate_row = gate != nullptr ? sc.gate_row.data() : nullptr;
-    auto store = [&](const T* values, int64_t n, int64_t channel, int64_t i) {
-      if (gate != nullptr) gate->upsample.expand_row(gate->plane(n, channel), i, gate_row, sc.gate_scratch.data());
-      store_row(values, gate_row, out + ((n * s.oup + channel) * s.height + i) * s.width, s.width);
-    };
+    Scratch<T> sc(s, block, false);
+    T* a1 = sc.a1.plane.data();
+    T* gv = gate != nullptr ? sc.gate.data() : nullptr;
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
       const int64_t kept = kept_cheap_channels(s, c);
@@ -194,20 +186,23 @@ void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
       for (int64_t row0 = 0; row0 < s.height; row0 += block) {
         const int64_t row1 = std::min(s.height, row0 + block);
         const int64_t needed = kept > 0 ? std::min(s.height, row1 + pad) : row1;
-        primary_rows(y1 + plane * size, s.width, ready, needed, g.primary_affine[c], g.relu, sc.a1);
-        for (int64_t i = ready; i < needed; ++i) store(sc.a1.row(i), n, c, i);
-        ready = needed;
+        if (needed > ready) {
+          primary_values(y1 + plane * size, g.primary_affine[c], relu, ready * s.width, needed * s.width, a1);
+          if (kept > 0) sc.a1.set_rows(ready, needed);
+          if (gate != nullptr) gate->values(n, c, ready, needed, gv);
+          gated_store(a1 + ready * s.width, gv, (needed - ready) * s.width,
+                      out + (n * s.oup + c) * size + ready * s.width);
+          ready = needed;
+        }
         for (int64_t r = 0; r < kept; ++r) {
-          const int64_t j = c * s.multiplier + r;
+          const int64_t j = c * s.multiplier + r, och = s.init + j, count = (row1 - row0) * s.width;
           const Affine<T> bn = g.cheap_affine[j];
-          depthwise_grid(sc.a1.grid_origin() + row0 * stride, stride, s.dw, s.dw, cheap_weight + j * taps,
-                         sc.grid.data(), (row1 - row0) * stride);
-          for (int64_t i = row0; i < row1; ++i) {
-            T* values = sc.grid.data() + (i - row0) * stride;
+          depthwise_rows(sc.a1, cheap_weight + j * taps, row0, row1, sc.conv.data());
+          T* values = sc.conv.data();
 #pragma omp simd
-            for (int64_t col = 0; col < s.width; ++col) values[col] = activate(bn.scale * values[col] + bn.shift, g.relu);
-            store(values, n, s.init + j, i);
-          }
+          for (int64_t q = 0; q < count; ++q) values[q] = activate(bn.scale * values[q] + bn.shift, relu);
+          if (gate != nullptr) gate->values(n, och, row0, row1, gv);
+          gated_store(values, gv, count, out + (n * s.oup + och) * size + row0 * s.width);
         }
       }
     }
@@ -236,82 +231,66 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
   std::vector<GradSums> cheap_partials(s.batch * s.cheap, GradSums{0, 0});
   std::vector<GradSums> primary_partials(s.batch * s.init, GradSums{0, 0});
   std::vector<double> tap_partials(s.batch * s.cheap * taps, 0.0);
-  const int64_t gate_width = gate != nullptr ? gate->upsample.w : 0;
-  const int64_t gate_size = gate != nullptr ? gate->upsample.h * gate->upsample.w : 0;
+  const bool relu = g.relu;
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(s, s.height, true, gate_width);
-    const int64_t stride = sc.a1.stride;
+    Scratch<T> sc(s, s.height, true);
+    T* a1 = sc.a1.plane.data();
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
       const int64_t kept = kept_cheap_channels(s, c);
       const T* y = y1 + plane * size;
-      primary_rows(y, s.width, 0, s.height, g.primary_affine[c], g.relu, sc.a1);
+      primary_values(y, g.primary_affine[c], relu, 0, size, a1);
+      sc.a1.set_rows(0, s.height);
       sc.a1_grad.zero();
-      if (dgate != nullptr) {
-        std::fill(dgate + (n * s.oup + c) * gate_size, dgate + (n * s.oup + c + 1) * gate_size, T(0));
-        for (int64_t r = 0; r < kept; ++r) {
-          const int64_t och = s.init + c * s.multiplier + r;
-          std::fill(dgate + (n * s.oup + och) * gate_size, dgate + (n * s.oup + och + 1) * gate_size, T(0));
-        }
-      }
       for (int64_t r = 0; r < kept; ++r) {
         const int64_t j = c * s.multiplier + r;
         cheap_partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, dgate, sc);
         const BatchNormGrad<T> k = cheap_coefficients[j];
-        for (int64_t i = 0; i < s.height; ++i) {
-          T* dv = sc.grid_grad.data() + i * stride;
-          const T* y2 = sc.grid.data() + i * stride;
+        T* dv = sc.grad.data();
+        const T* y2 = sc.conv.data();
 #pragma omp simd
-          for (int64_t col = 0; col < s.width; ++col) dv[col] = k.a * dv[col] + k.b * y2[col] + k.c;
-        }
-        depthwise_grid_weight_grad(sc.grid_grad.data(), sc.a1.grid_origin(), stride, s.dw, s.dw, s.height * stride,
-                                   tap_partials.data() + (n * s.cheap + j) * taps);
-        depthwise_grid_transpose(sc.grid_grad.data(), stride, s.dw, s.dw, cheap_weight + j * taps,
-                                 sc.a1_grad.grid_origin(), s.height * stride);
+        for (int64_t q = 0; q < size; ++q) dv[q] = k.a * dv[q] + k.b * y2[q] + k.c;
+        depthwise_backward(sc.a1, cheap_weight + j * taps, dv, tap_partials.data() + (n * s.cheap + j) * taps,
+                           sc.a1_grad);
       }
-      const double mean = g.primary_bn.mean[c];
-      const T scale = training ? T(1) : eval_primary[c].a;
-      GradSums sums{0, 0};
-      for (int64_t i = 0; i < s.height; ++i) {
-        const T* a1 = sc.a1.row(i);
-        const T* a1_grad = sc.a1_grad.row(i);
-        const T* go = grad_out + ((n * s.oup + c) * s.height + i) * s.width;
-        const T* yrow = y + i * s.width;
-        T* dst = y1_grad_data + plane * size + i * s.width;
-        if (gate != nullptr) gate->upsample.expand_row(gate->plane(n, c), i, sc.gate_row.data(), sc.gate_scratch.data());
-        for (int64_t col = 0; col < s.width; ++col) {
-          const T grad = (gate != nullptr ? go[col] * sc.gate_row[col] : go[col]) + a1_grad[col];
-          dst[col] = activation_backward(grad, a1[col], g.relu);
-          sc.gate_product[col] = go[col] * a1[col];
-        }
-        double dy = 0, dy_centered = 0;
-#pragma omp simd reduction(+ : dy, dy_centered)
-        for (int64_t col = 0; col < s.width; ++col) {
-          dy += static_cast<double>(dst[col]);
-          dy_centered += static_cast<double>(dst[col]) * (static_cast<double>(yrow[col]) - mean);
-        }
-        sums = sums + GradSums{dy, dy_centered};
-        if (!training) {
+      T* a1_grad = sc.a1_grad_sum.data();
+      sc.a1_grad.sum_into(a1_grad);
+      const T* go = grad_out + (n * s.oup + c) * size;
+      T* dst = y1_grad_data + plane * size;
+      if (gate == nullptr) {
 #pragma omp simd
-          for (int64_t col = 0; col < s.width; ++col) dst[col] *= scale;
+        for (int64_t q = 0; q < size; ++q) dst[q] = activation_backward(go[q] + a1_grad[q], a1[q], relu);
+      } else {
+        gate->values(n, c, 0, s.height, sc.gate.data());
+        const T* gv = sc.gate.data();
+        T* product = sc.product.data();
+#pragma omp simd
+        for (int64_t q = 0; q < size; ++q) {
+          dst[q] = activation_backward(go[q] * gv[q] + a1_grad[q], a1[q], relu);
+          product[q] = go[q] * a1[q];
         }
-        if (dgate != nullptr)
-          gate->upsample.reduce_row(sc.gate_product.data(), i, dgate + (n * s.oup + c) * gate_size,
-                                    sc.gate_scratch.data());
+        gate_grad(*gate, product, n, c, dgate);
       }
-      primary_partials[plane] = sums;
+      primary_partials[plane] = grad_sums_of(dst, y, g.primary_bn.mean[c], size);
+      if (!training) {
+        const T scale = eval_primary[c].a;
+#pragma omp simd
+        for (int64_t q = 0; q < size; ++q) dst[q] *= scale;
+      }
     }
   });
 
   const std::vector<GradSums> primary_sums = combine_planes(primary_partials, s.batch, s.init);
   if (training) {
     const std::vector<BatchNormGrad<T>> k = backward_coefficients<T>(g.primary_bn, primary_sums, count, true);
-    for_each_plane(s.batch * s.init, [&](int64_t plane) {
-      const BatchNormGrad<T> kc = k[plane % s.init];
-      T* dst = y1_grad_data + plane * size;
-      const T* y = y1 + plane * size;
+    at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const BatchNormGrad<T> kc = k[plane % s.init];
+        T* dst = y1_grad_data + plane * size;
+        const T* y = y1 + plane * size;
 #pragma omp simd
-      for (int64_t q = 0; q < size; ++q) dst[q] = kc.a * dst[q] + kc.b * y[q] + kc.c;
+        for (int64_t q = 0; q < size; ++q) dst[q] = kc.a * dst[q] + kc.b * y[q] + kc.c;
+      }
     });
   }
 

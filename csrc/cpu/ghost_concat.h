@@ -39,7 +39,7 @@ struct GhostGrads {
   std::vector<double> primary_bn_weight, primary_bn_bias, cheap_bn_weight, cheap_bn_bias;
 };
 
-// Backward of ghost_write for grad_out [N, oup, H, W] (dense NCHW). With a gate, dgate [N, oup, h, w] receives
+// Backward of ghost_write for grad_out [N, oup, H, W] (dense NCHW). With a gate, dgate [N, oup, h * w] receives
 // the gradient of the quarter-resolution gate (every plane written). training: the statistics are the batch's
 // and the gradient flows through them.
 template <typename T>

@@ -22,6 +22,15 @@ GF_INLINE TapRange tap_range(int64_t i, int64_t size, int k) {
   return {static_cast<int>(lo), static_cast<int>(hi > lo ? hi : lo)};
 }
 
+// The outputs i in [lo, hi) of a length-size axis for which tap t reads inside [0, size): the same condition as
+// tap_range, seen from the tap (the CPU kernels loop over outputs per tap).
+GF_INLINE TapRange tap_outputs(int t, int64_t size, int k) {
+  const int64_t shift = t - depthwise_padding(k);
+  const int64_t lo = -shift > 0 ? -shift : 0;
+  const int64_t hi = size - shift < size ? size - shift : size;
+  return {static_cast<int>(lo), static_cast<int>(hi > lo ? hi : lo)};
+}
+
 // One output element (i, j) of the depthwise convolution of a [height, width] plane: load(r, c) reads the
 // plane, taps[a * kw + b] the kernel. Out-of-range taps are skipped (the zero padding).
 template <typename Acc, typename Load, typename Tap>

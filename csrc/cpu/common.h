@@ -195,19 +195,22 @@ struct ShiftedColumns {
   }
 };
 
-// out[(i - row0) * W + j] = the depthwise convolution (taps [k * k], zero padding k / 2) of the plane, output rows
-// [row0, row1); needs the plane's rows up to row1 + k / 2. Taps accumulate one flat loop per tap over the rows
-// the tap reaches; for the 3x3 kernel of GhostNet the rows whose every tap row lies inside the plane take all nine
-// taps in one pass instead (register-blocked, in the same order).
-template <typename T>
-void depthwise_rows(const ShiftedColumns<T>& in, const T* taps, int64_t row0, int64_t row1, T* out) {
+// store(q, value) for q in [row0 * W, row1 * W) (flat positions of the plane), value = the depthwise convolution
+// (taps [k * k], zero padding k / 2) of `in` at q; needs in's rows up to row1 + k / 2. Taps accumulate in row-major
+// order. Rows whose every tap row lies inside the plane take all taps in one register-blocked pass (k = 3, the
+// GhostNet kernel, unrolled); the k / 2 border rows, and other kernel sizes, accumulate one flat loop per tap in
+// `scratch` (row1 - row0 rows) first. store is inlined into the vectorised loops.
+template <typename T, typename Store>
+void depthwise_rows(const ShiftedColumns<T>& in, const T* taps, int64_t row0, int64_t row1, T* scratch,
+                    const Store& store) {
   const int64_t width = in.width, k = in.k, pad = in.pad;
-  T* dst = out - row0 * width;  // indexed by the plane's flat position
-  const int64_t inner0 = std::clamp<int64_t>(pad, row0, row1);
-  const int64_t inner1 = std::clamp<int64_t>(in.height - pad, inner0, row1);
-  auto border = [&](int64_t first, int64_t last) {
+  const bool unrolled = k == 3;
+  const int64_t inner0 = unrolled ? std::clamp<int64_t>(pad, row0, row1) : row1;
+  const int64_t inner1 = unrolled ? std::clamp<int64_t>(in.height - pad, inner0, row1) : row1;
+  T* acc = scratch - row0 * width;  // indexed by flat position
+  auto tap_by_tap = [&](int64_t first, int64_t last) {
     if (first >= last) return;
-    std::fill(dst + first * width, dst + last * width, T(0));
+    std::fill(acc + first * width, acc + last * width, T(0));
     for (int a = 0; a < k; ++a) {
       const TapRange rows = tap_outputs(a, in.height, k);
       const int64_t lo = std::max<int64_t>(rows.lo, first), hi = std::min<int64_t>(rows.hi, last);
@@ -215,84 +218,61 @@ void depthwise_rows(const ShiftedColumns<T>& in, const T* taps, int64_t row0, in
         const T w = taps[a * k + b];
         const T* src = in.source(b) + (a - pad) * width + (b - pad);
 #pragma omp simd
-        for (int64_t q = lo * width; q < hi * width; ++q) dst[q] += w * src[q];
+        for (int64_t q = lo * width; q < hi * width; ++q) acc[q] += w * src[q];
       }
     }
+#pragma omp simd
+    for (int64_t q = first * width; q < last * width; ++q) store(q, acc[q]);
   };
-  border(row0, inner0);
-  border(inner1, row1);
-  if (inner0 >= inner1) return;
-  if (k != 3) {  // other kernel sizes: tap by tap
-    border(inner0, inner1);
-    return;
-  }
+  tap_by_tap(row0, unrolled ? inner0 : row1);
+  if (!unrolled) return;
+  tap_by_tap(inner1, row1);
   const T* s0 = in.source(0) - width - 1;
   const T* s1 = in.source(1) - width;
   const T* s2 = in.source(2) - width + 1;
+  const T w0 = taps[0], w1 = taps[1], w2 = taps[2], w3 = taps[3], w4 = taps[4], w5 = taps[5], w6 = taps[6],
+          w7 = taps[7], w8 = taps[8];
 #pragma omp simd
   for (int64_t q = inner0 * width; q < inner1 * width; ++q)
-    dst[q] = taps[0] * s0[q] + taps[1] * s1[q] + taps[2] * s2[q] + taps[3] * s0[q + width] + taps[4] * s1[q + width] +
-             taps[5] * s2[q + width] + taps[6] * s0[q + 2 * width] + taps[7] * s1[q + 2 * width] +
-             taps[8] * s2[q + 2 * width];
+    store(q, w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s0[q + width] + w4 * s1[q + width] + w5 * s2[q + width] +
+                 w6 * s0[q + 2 * width] + w7 * s1[q + 2 * width] + w8 * s2[q + 2 * width]);
 }
 
-// The backward of depthwise_rows over the whole plane, for the output gradient grad [H * W]:
-// taps_grad[t] += sum of grad * the tap's source (in double), and in_grad (per tap column, see
-// ShiftedColumnsGrad) += the transposed convolution.
-template <typename T>
-struct ShiftedColumnsGrad {
-  int64_t height, width;
-  int k, pad;
-  std::vector<std::vector<T>> columns;  // per tap column b: the gradient landing through that column shift
-
-  ShiftedColumnsGrad(int64_t height, int64_t width, int k)
-      : height(height), width(width), k(k), pad(k / 2), columns(k) {
-    for (int b = 0; b < k; ++b) columns[b].assign(height * width + 2 * pad, T(0));
+// sum over [begin, end) of term(q), accumulated in T within blocks of 256 and in double across blocks (a fixed
+// order, so deterministic; float partial sums of 256 terms keep float32 accuracy well within 1e-5).
+template <typename T, typename Term>
+double blocked_sum(int64_t begin, int64_t end, const Term& term) {
+  double total = 0;
+  for (int64_t q0 = begin; q0 < end; q0 += 256) {
+    const int64_t q1 = std::min(end, q0 + 256);
+    T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t q = q0; q < q1; ++q) sum += term(q);
+    total += static_cast<double>(sum);
   }
-  void zero() {
-    for (auto& c : columns) std::fill(c.begin(), c.end(), T(0));
-  }
-  // sum over tap columns, without what landed in wrapped columns: the input gradient [H * W], written to out.
-  void sum_into(T* out);
-};
-
-template <typename T>
-void ShiftedColumnsGrad<T>::sum_into(T* out) {
-  const int64_t size = height * width;
-  std::copy(columns[pad].data() + pad, columns[pad].data() + pad + size, out);
-  for (int b = 0; b < k; ++b) {
-    if (b == pad) continue;
-    T* src = columns[b].data() + pad;
-    const int64_t d = b - pad;
-    const int64_t col0 = d < 0 ? width + d : 0, col1 = d < 0 ? width : d;
-    for (int64_t i = 0; i < height; ++i)
-      for (int64_t j = std::max<int64_t>(col0, 0); j < std::min<int64_t>(col1, width); ++j) src[i * width + j] = T(0);
-#pragma omp simd
-    for (int64_t q = 0; q < size; ++q) out[q] += src[q];
-  }
+  return total;
 }
 
+// taps_grad[a * k + b] += sum over outputs q of grad[q] * (the input tap (a, b) reads at q): the weight gradient of
+// depthwise_rows over the whole plane.
 template <typename T>
-void depthwise_backward(const ShiftedColumns<T>& in, const T* taps, const T* grad, double* taps_grad,
-                        ShiftedColumnsGrad<T>& in_grad) {
-  const int64_t width = in.width, k = in.k;
+void depthwise_weight_grad(const ShiftedColumns<T>& in, const T* grad, double* taps_grad) {
+  const int64_t width = in.width, k = in.k, pad = in.pad;
   for (int a = 0; a < k; ++a) {
     const TapRange rows = tap_outputs(a, in.height, k);
-    if (rows.lo >= rows.hi) continue;
-    for (int b = 0; b < k; ++b) {
-      const int64_t shift = (a - in.pad) * width + (b - in.pad);
-      const T* src = in.source(b) + shift;
-      T* dst = in_grad.columns[b].data() + in.pad + shift;
-      const T w = taps[a * k + b];
-      double sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t q = rows.lo * width; q < rows.hi * width; ++q) {
-        sum += static_cast<double>(grad[q]) * static_cast<double>(src[q]);
-        dst[q] += w * grad[q];
-      }
-      taps_grad[a * k + b] += sum;
+    for (int b = 0; b < k && rows.lo < rows.hi; ++b) {
+      const T* src = in.source(b) + (a - pad) * width + (b - pad);
+      taps_grad[a * k + b] +=
+          blocked_sum<T>(rows.lo * width, rows.hi * width, [&](int64_t q) { return grad[q] * src[q]; });
     }
   }
+}
+
+// The taps of the transposed convolution: the kernel rotated by 180 degrees. depthwise_rows of the output gradient
+// (as ShiftedColumns) with these taps is the input gradient of depthwise_rows.
+template <typename T>
+void rotated_taps(const T* taps, int k, T* out) {
+  for (int t = 0; t < k * k; ++t) out[t] = taps[k * k - 1 - t];
 }
 
 // The DFC gate g [N, C, h * w] upsampled to [H, W] ('nearest' or 'bilinear', ghostfused/index_maps.h).

@@ -23,17 +23,6 @@ void primary_values(const T* y, Affine<T> bn, bool relu, int64_t begin, int64_t 
   for (int64_t q = begin; q < end; ++q) a1[q] = activate(bn.scale * y[q] + bn.shift, relu);
 }
 
-// dst[q] = values[q] * gate[q], or values[q] without a gate.
-template <typename T>
-void gated_store(const T* values, const T* gate, int64_t count, T* dst) {
-  if (gate == nullptr) {
-    std::copy(values, values + count, dst);
-    return;
-  }
-#pragma omp simd
-  for (int64_t q = 0; q < count; ++q) dst[q] = values[q] * gate[q];
-}
-
 // dgate's plane of gate channel c: grad (= grad_out * the ungated output, full resolution) reduced by the
 // transposed upsampling.
 template <typename T>
@@ -46,57 +35,68 @@ void gate_grad(const Gate<T>& gate, const T* grad, int64_t n, int64_t c, T* dgat
 // Per-thread buffers of the passes over one primary plane.
 template <typename T>
 struct Scratch {
-  ShiftedColumns<T> a1;          // act(BN0(y1)) of the plane, read by the cheap convolutions
-  std::vector<T> conv;           // a cheap convolution's output (rows of a block, or the plane)
-  std::vector<T> gate;           // the gate at full resolution for the rows at hand
-  ShiftedColumnsGrad<T> a1_grad; // backward: a1's gradient from the cheap convolutions, per tap column
-  std::vector<T> a1_grad_sum, grad, product;
+  ShiftedColumns<T> a1;      // act(BN0(y1)) of the plane, read by the cheap convolutions
+  std::vector<T> conv;       // depthwise_rows' accumulator for border rows
+  std::vector<T> gate;       // the gate at full resolution for the rows at hand
+  // backward
+  std::vector<T> y2;         // a cheap convolution's output
+  ShiftedColumns<T> dy;      // the gradient of a cheap convolution's output
+  std::vector<T> a1_grad, product, rotated;
 
   Scratch(const GhostSizes& s, int64_t rows, bool backward)
       : a1(s.height, s.width, static_cast<int>(s.dw)), conv(rows * s.width),
-        gate(std::min(s.height, rows + 2 * (s.dw / 2)) * s.width),
-        a1_grad(backward ? s.height : 0, s.width, static_cast<int>(s.dw)),
-        a1_grad_sum(backward ? s.height * s.width : 0), grad(backward ? s.height * s.width : 0),
-        product(backward ? s.height * s.width : 0) {}
+        gate(std::min(s.height, rows + 2 * (s.dw / 2)) * s.width), y2(backward ? s.height * s.width : 0),
+        dy(backward ? s.height : 0, s.width, static_cast<int>(s.dw)), a1_grad(backward ? s.height * s.width : 0),
+        product(backward ? s.height * s.width : 0), rotated(s.dw * s.dw) {}
 };
+
+// a1 of primary plane (n, c) for the backward: the whole plane.
+template <typename T>
+void primary_plane(const GhostBranch<T>& g, int64_t plane, Scratch<T>& sc) {
+  const int64_t size = g.sizes.height * g.sizes.width;
+  primary_values(g.y1.template data_ptr<T>() + plane * size, g.primary_affine[plane % g.sizes.init], g.relu, 0, size,
+                 sc.a1.plane.data());
+  sc.a1.set_rows(0, g.sizes.height);
+}
 
 template <typename T>
 std::vector<Moments> cheap_moments(const GhostBranch<T>& g) {
   const GhostSizes& s = g.sizes;
   const int64_t size = s.height * s.width, taps = s.dw * s.dw;
-  const T* y1 = g.y1.template data_ptr<T>();
   const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
   std::vector<Moments> partials(s.batch * s.cheap);
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(s, s.height, false);
+    Scratch<T> sc(s, s.height, true);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
-      primary_values(y1 + plane * size, g.primary_affine[c], g.relu, 0, size, sc.a1.plane.data());
-      sc.a1.set_rows(0, s.height);
+      primary_plane(g, plane, sc);
       for (int64_t r = 0; r < s.multiplier; ++r) {
         const int64_t j = c * s.multiplier + r;
-        depthwise_rows(sc.a1, cheap_weight + j * taps, 0, s.height, sc.conv.data());
-        partials[n * s.cheap + j] = moments_of(sc.conv.data(), size);
+        T* y2 = sc.y2.data();
+        depthwise_rows(sc.a1, cheap_weight + j * taps, 0, s.height, sc.conv.data(),
+                       [&](int64_t q, T v) { y2[q] = v; });
+        partials[n * s.cheap + j] = moments_of(y2, size);
       }
     }
   });
   return combine_planes(partials, s.batch, s.cheap);
 }
 
-// Cheap channel j of sample n, given a1 in sc.a1: its convolution y2 into sc.conv and the gradient of its
-// BatchNorm's output into sc.grad. Returns the BatchNorm backward's sums; with dgate, writes the gate channel's
-// gradient (grad_out times the ungated output, reduced to the gate's resolution).
+// Cheap channel j of sample n, given a1 in sc.a1: its convolution y2 into sc.y2 and the gradient of its BatchNorm's
+// output into sc.dy.plane; with a gate, grad_out times the ungated output into sc.product. Returns the BatchNorm
+// backward's sums.
 template <typename T>
 GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const T* grad_out, const Gate<T>* gate,
-                            T* dgate, Scratch<T>& sc) {
+                            Scratch<T>& sc) {
   const GhostSizes& s = g.sizes;
   const int64_t och = s.init + j, size = s.height * s.width;
-  const T* y2 = sc.conv.data();
-  depthwise_rows(sc.a1, g.cheap_weight.template data_ptr<T>() + j * s.dw * s.dw, 0, s.height, sc.conv.data());
+  T* y2 = sc.y2.data();
+  depthwise_rows(sc.a1, g.cheap_weight.template data_ptr<T>() + j * s.dw * s.dw, 0, s.height, sc.conv.data(),
+                 [&](int64_t q, T v) { y2[q] = v; });
   const Affine<T> bn = g.cheap_affine[j];
   const bool relu = g.relu;
   const T* go = grad_out + (n * s.oup + och) * size;
-  T* dv = sc.grad.data();
+  T* dv = sc.dy.plane.data();
   if (gate == nullptr) {
 #pragma omp simd
     for (int64_t q = 0; q < size; ++q) dv[q] = activation_backward(go[q], activate(bn.scale * y2[q] + bn.shift, relu), relu);
@@ -110,17 +110,16 @@ GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const
       dv[q] = activation_backward(go[q] * gv[q], a2, relu);
       product[q] = go[q] * a2;
     }
-    if (dgate != nullptr) gate_grad(*gate, product, n, och, dgate);
   }
-  return grad_sums_of(dv, y2, g.cheap_bn.mean[j], size);
+  const T mean = static_cast<T>(g.cheap_bn.mean[j]);
+  return {blocked_sum<T>(0, size, [&](int64_t q) { return dv[q]; }),
+          blocked_sum<T>(0, size, [&](int64_t q) { return dv[q] * (y2[q] - mean); })};
 }
 
 // The cheap BatchNorm's backward sums over the batch (training only: its coefficients depend on them).
 template <typename T>
 std::vector<GradSums> cheap_grad_sums(const GhostBranch<T>& g, const T* grad_out, const Gate<T>* gate) {
   const GhostSizes& s = g.sizes;
-  const int64_t size = s.height * s.width;
-  const T* y1 = g.y1.template data_ptr<T>();
   std::vector<GradSums> partials(s.batch * s.cheap, GradSums{0, 0});
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(s, s.height, true);
@@ -128,11 +127,10 @@ std::vector<GradSums> cheap_grad_sums(const GhostBranch<T>& g, const T* grad_out
       const int64_t n = plane / s.init, c = plane % s.init;
       const int64_t kept = kept_cheap_channels(s, c);
       if (kept == 0) continue;
-      primary_values(y1 + plane * size, g.primary_affine[c], g.relu, 0, size, sc.a1.plane.data());
-      sc.a1.set_rows(0, s.height);
+      primary_plane(g, plane, sc);
       for (int64_t r = 0; r < kept; ++r) {
         const int64_t j = c * s.multiplier + r;
-        partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, static_cast<T*>(nullptr), sc);
+        partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, sc);
       }
     }
   });
@@ -178,31 +176,47 @@ void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(s, block, false);
     T* a1 = sc.a1.plane.data();
-    T* gv = gate != nullptr ? sc.gate.data() : nullptr;
+    T* gv = sc.gate.data();
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
       const int64_t kept = kept_cheap_channels(s, c);
+      const Affine<T> bn0 = g.primary_affine[c];
+      const T* y = y1 + plane * size;
       int64_t ready = 0;  // rows of a1 computed (and written to the output) so far
       for (int64_t row0 = 0; row0 < s.height; row0 += block) {
         const int64_t row1 = std::min(s.height, row0 + block);
         const int64_t needed = kept > 0 ? std::min(s.height, row1 + pad) : row1;
-        if (needed > ready) {
-          primary_values(y1 + plane * size, g.primary_affine[c], relu, ready * s.width, needed * s.width, a1);
+        if (needed > ready) {  // a1 rows, written to the output (times the gate) as they are computed
+          T* o = out + (n * s.oup + c) * size;
+          const int64_t q0 = ready * s.width, q1 = needed * s.width;
+          if (gate == nullptr) {
+#pragma omp simd
+            for (int64_t q = q0; q < q1; ++q) o[q] = a1[q] = activate(bn0.scale * y[q] + bn0.shift, relu);
+          } else {
+            gate->values(n, c, ready, needed, gv);
+            const T* gq = gv - q0;
+#pragma omp simd
+            for (int64_t q = q0; q < q1; ++q) {
+              a1[q] = activate(bn0.scale * y[q] + bn0.shift, relu);
+              o[q] = a1[q] * gq[q];
+            }
+          }
           if (kept > 0) sc.a1.set_rows(ready, needed);
-          if (gate != nullptr) gate->values(n, c, ready, needed, gv);
-          gated_store(a1 + ready * s.width, gv, (needed - ready) * s.width,
-                      out + (n * s.oup + c) * size + ready * s.width);
           ready = needed;
         }
-        for (int64_t r = 0; r < kept; ++r) {
-          const int64_t j = c * s.multiplier + r, och = s.init + j, count = (row1 - row0) * s.width;
+        for (int64_t r = 0; r < kept; ++r) {  // cheap channels: convolution, BN, act, gate, one store
+          const int64_t j = c * s.multiplier + r, och = s.init + j;
           const Affine<T> bn = g.cheap_affine[j];
-          depthwise_rows(sc.a1, cheap_weight + j * taps, row0, row1, sc.conv.data());
-          T* values = sc.conv.data();
-#pragma omp simd
-          for (int64_t q = 0; q < count; ++q) values[q] = activate(bn.scale * values[q] + bn.shift, relu);
-          if (gate != nullptr) gate->values(n, och, row0, row1, gv);
-          gated_store(values, gv, count, out + (n * s.oup + och) * size + row0 * s.width);
+          T* o = out + (n * s.oup + och) * size;
+          if (gate == nullptr) {
+            depthwise_rows(sc.a1, cheap_weight + j * taps, row0, row1, sc.conv.data(),
+                           [&](int64_t q, T v) { o[q] = activate(bn.scale * v + bn.shift, relu); });
+          } else {
+            gate->values(n, och, row0, row1, gv);
+            const T* gq = gv - row0 * s.width;
+            depthwise_rows(sc.a1, cheap_weight + j * taps, row0, row1, sc.conv.data(),
+                           [&](int64_t q, T v) { o[q] = activate(bn.scale * v + bn.shift, relu) * gq[q]; });
+          }
         }
       }
     }
@@ -234,27 +248,33 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
   const bool relu = g.relu;
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(s, s.height, true);
-    T* a1 = sc.a1.plane.data();
+    const T* a1 = sc.a1.plane.data();
+    T* a1_grad = sc.a1_grad.data();
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
       const int64_t kept = kept_cheap_channels(s, c);
       const T* y = y1 + plane * size;
-      primary_values(y, g.primary_affine[c], relu, 0, size, a1);
-      sc.a1.set_rows(0, s.height);
-      sc.a1_grad.zero();
+      primary_plane(g, plane, sc);
+      if (kept == 0) std::fill(sc.a1_grad.begin(), sc.a1_grad.end(), T(0));
       for (int64_t r = 0; r < kept; ++r) {
         const int64_t j = c * s.multiplier + r;
-        cheap_partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, dgate, sc);
+        cheap_partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, sc);
+        if (dgate != nullptr) gate_grad(*gate, sc.product.data(), n, s.init + j, dgate);
         const BatchNormGrad<T> k = cheap_coefficients[j];
-        T* dv = sc.grad.data();
-        const T* y2 = sc.conv.data();
+        T* dy = sc.dy.plane.data();
+        const T* y2 = sc.y2.data();
 #pragma omp simd
-        for (int64_t q = 0; q < size; ++q) dv[q] = k.a * dv[q] + k.b * y2[q] + k.c;
-        depthwise_backward(sc.a1, cheap_weight + j * taps, dv, tap_partials.data() + (n * s.cheap + j) * taps,
-                           sc.a1_grad);
+        for (int64_t q = 0; q < size; ++q) dy[q] = k.a * dy[q] + k.b * y2[q] + k.c;
+        sc.dy.set_rows(0, s.height);
+        depthwise_weight_grad(sc.a1, dy, tap_partials.data() + (n * s.cheap + j) * taps);
+        rotated_taps(cheap_weight + j * taps, static_cast<int>(s.dw), sc.rotated.data());
+        if (r == 0)
+          depthwise_rows(sc.dy, sc.rotated.data(), 0, s.height, sc.conv.data(),
+                         [&](int64_t q, T v) { a1_grad[q] = v; });
+        else
+          depthwise_rows(sc.dy, sc.rotated.data(), 0, s.height, sc.conv.data(),
+                         [&](int64_t q, T v) { a1_grad[q] += v; });
       }
-      T* a1_grad = sc.a1_grad_sum.data();
-      sc.a1_grad.sum_into(a1_grad);
       const T* go = grad_out + (n * s.oup + c) * size;
       T* dst = y1_grad_data + plane * size;
       if (gate == nullptr) {
@@ -271,7 +291,9 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
         }
         gate_grad(*gate, product, n, c, dgate);
       }
-      primary_partials[plane] = grad_sums_of(dst, y, g.primary_bn.mean[c], size);
+      const T mean = static_cast<T>(g.primary_bn.mean[c]);
+      primary_partials[plane] = {blocked_sum<T>(0, size, [&](int64_t q) { return dst[q]; }),
+                                 blocked_sum<T>(0, size, [&](int64_t q) { return dst[q] * (y[q] - mean); })};
       if (!training) {
         const T scale = eval_primary[c].a;
 #pragma omp simd

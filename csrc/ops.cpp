@@ -37,7 +37,7 @@ std::vector<std::tuple<int64_t, int64_t, double, double>> bilinear_taps(int64_t 
   return taps;
 }
 
-at::Tensor depthwise_reference(const at::Tensor& plane, const at::Tensor& taps) {
+at::Tensor depthwise_reference(const at::Tensor& plane, const at::Tensor& taps, bool transposed) {
   TORCH_CHECK(plane.dim() == 2 && taps.dim() == 2 && plane.scalar_type() == at::kDouble &&
                   taps.scalar_type() == at::kDouble,
               "_depthwise_reference: plane [H, W] and taps [kh, kw], float64");
@@ -45,11 +45,18 @@ at::Tensor depthwise_reference(const at::Tensor& plane, const at::Tensor& taps) 
   const int64_t height = p.size(0), width = p.size(1);
   const double* src = p.data_ptr<double>();
   at::Tensor out = at::empty_like(p);
+  const double* weights = t.data_ptr<double>();
   auto load = [&](int64_t r, int64_t c) { return src[r * width + c]; };
+  auto tap = [&](int index) { return weights[index]; };
+  double* dst = out.data_ptr<double>();
   for (int64_t i = 0; i < height; ++i)
     for (int64_t j = 0; j < width; ++j)
-      out[i][j] = ghostfused::depthwise_at<double>(load, t.data_ptr<double>(), static_cast<int>(t.size(0)),
-                                                   static_cast<int>(t.size(1)), i, j, height, width);
+      dst[i * width + j] = transposed ? ghostfused::depthwise_transposed_at<double>(load, tap, static_cast<int>(t.size(0)),
+                                                                                   static_cast<int>(t.size(1)), i, j,
+                                                                                   height, width)
+                                      : ghostfused::depthwise_at<double>(load, tap, static_cast<int>(t.size(0)),
+                                                                         static_cast<int>(t.size(1)), i, j, height,
+                                                                         width);
   return out;
 }
 
@@ -76,7 +83,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Shared math (tests): the outputs that tap t of a size-k kernel may reach.");
   m.def("_depthwise_reference", &depthwise_reference,
-        "Shared math (tests): a depthwise convolution of one plane by ghostfused::depthwise_at (float64).");
+        "Shared math (tests): the depthwise convolution (or, transposed=True, its transpose) of one plane by "
+        "ghostfused::depthwise_at / depthwise_transposed_at (float64).");
   m.def("_batch_norm_backward", [](double weight, double mean, double var, double eps, double sum_dy,
                                    double sum_dy_centered, double count, bool training) {
         const auto g = ghostfused::batch_norm_backward<double>(weight, mean, var, eps,

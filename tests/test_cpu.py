@@ -237,7 +237,11 @@ def test_tap_ranges_agree(k, size):
 def test_depthwise_taps_match_conv2d(kh, kw, height, width):
     plane, taps = torch.randn(height, width, dtype=torch.float64), torch.randn(kh, kw, dtype=torch.float64)
     expected = F.conv2d(plane.view(1, 1, height, width), taps.view(1, 1, kh, kw), padding=(kh // 2, kw // 2))
-    torch.testing.assert_close(_ext()._depthwise_reference(plane, taps), expected.view(height, width))
+    torch.testing.assert_close(_ext()._depthwise_reference(plane, taps, False), expected.view(height, width))
+    grad = torch.randn(1, 1, height, width, dtype=torch.float64)
+    expected_transposed = F.conv_transpose2d(grad, taps.view(1, 1, kh, kw), padding=(kh // 2, kw // 2))
+    torch.testing.assert_close(_ext()._depthwise_reference(grad.view(height, width), taps, True),
+                               expected_transposed.view(height, width))
 
 
 @pytest.mark.parametrize("training", [True, False])

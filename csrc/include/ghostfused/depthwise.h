@@ -32,16 +32,24 @@ GF_INLINE TapRange tap_outputs(int t, int64_t size, int k) {
 }
 
 // One output element (i, j) of the depthwise convolution of a [height, width] plane: load(r, c) reads the
-// plane, taps[a * kw + b] the kernel. Out-of-range taps are skipped (the zero padding).
+// plane, tap(a * kw + b) the kernel (both as Acc). Out-of-range taps are skipped (the zero padding).
 template <typename Acc, typename Load, typename Tap>
-GF_INLINE Acc depthwise_at(Load load, const Tap* taps, int kh, int kw, int64_t i, int64_t j, int64_t height,
-                           int64_t width) {
+GF_INLINE Acc depthwise_at(Load load, Tap tap, int kh, int kw, int64_t i, int64_t j, int64_t height, int64_t width) {
   const TapRange rows = tap_range(i, height, kh), cols = tap_range(j, width, kw);
   const int64_t row0 = i - depthwise_padding(kh), col0 = j - depthwise_padding(kw);
   Acc acc = Acc(0);
   for (int a = rows.lo; a < rows.hi; ++a)
-    for (int b = cols.lo; b < cols.hi; ++b) acc += static_cast<Acc>(taps[a * kw + b]) * load(row0 + a, col0 + b);
+    for (int b = cols.lo; b < cols.hi; ++b) acc += tap(a * kw + b) * load(row0 + a, col0 + b);
   return acc;
+}
+
+// The transposed convolution at input element (i, j): the gradient it receives from the output gradient
+// (load(r, c)) through the taps; the kernel rotated by 180 degrees.
+template <typename Acc, typename Load, typename Tap>
+GF_INLINE Acc depthwise_transposed_at(Load load, Tap tap, int kh, int kw, int64_t i, int64_t j, int64_t height,
+                                      int64_t width) {
+  const int taps = kh * kw;
+  return depthwise_at<Acc>(load, [&](int t) { return tap(taps - 1 - t); }, kh, kw, i, j, height, width);
 }
 
 }  // namespace ghostfused

@@ -154,10 +154,12 @@ def _run_all(op, threads, seed=0):
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        module = _module(op, 8, 11, torch.float32, dfc_kernel_size=5).train()
-        x = torch.randn(3, 8, 70, 66)  # > 4096 positions per sample: several weight-gradient chunks
-        features = torch.randn(3, 11, 70, 66)
-        grad = torch.randn(3, 11, 70, 66)
+        # > 4096 positions per sample: several weight-gradient chunks; 71 channels: several DFC channel blocks at
+        # 2 threads, one at 1 thread.
+        module = _module(op, 8, 71, torch.float32, dfc_kernel_size=5).train()
+        x = torch.randn(3, 8, 70, 66)
+        features = torch.randn(3, 71, 70, 66)
+        grad = torch.randn(3, 71, 70, 66)
         results = []
         for training in (True, True, False):
             module.train(training)
@@ -165,6 +167,30 @@ def _run_all(op, threads, seed=0):
             results += [out, *grads]
         results += [b.clone() for b in module.buffers()]
         return results
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_wide_modules_at_two_threads(op, batch, training):
+    """Many channels at 2 threads: the quarter-resolution passes split channels into several blocks per sample."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dtype = torch.float64
+        module = _module(op, 24, 72, dtype).train(training)
+        fused = fused_copy(module, "eager")
+        x = torch.randn(batch, 24, 16, 14, dtype=dtype)
+        features = torch.randn(batch, 72, 16, 14, dtype=dtype)
+        grad = torch.randn(batch, 72, 16, 14, dtype=dtype)
+        expected, expected_grads = _step(op, module, x, features, grad, training, fused=False)
+        actual, actual_grads = _step(op, fused, x, features, grad, training, fused=True)
+        assert_close(actual, expected, dtype, "output")
+        for a, e in zip(actual_grads, expected_grads):
+            assert_close(a, e, dtype, "gradient")
+        assert_modules_match(module, fused, dtype)
     finally:
         torch.set_num_threads(previous)
 

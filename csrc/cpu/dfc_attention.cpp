@@ -59,13 +59,8 @@ int64_t block_size(int64_t batch, int64_t channels) {
   return std::min(kChannelBlock, ((channels + blocks - 1) / blocks + 7) / 8 * 8);
 }
 
-int64_t block_count(int64_t batch, int64_t channels) {
-  const int64_t size = block_size(batch, channels);
-  return batch * ((channels + size - 1) / size);
-}
-
-Block block_of(int64_t task, int64_t batch, int64_t channels) {
-  const int64_t size = block_size(batch, channels), blocks = (channels + size - 1) / size;
+Block block_of(int64_t task, int64_t size, int64_t channels) {
+  const int64_t blocks = (channels + size - 1) / size;
   const int64_t c0 = (task % blocks) * size;
   return {task / blocks, c0, std::min(size, channels - c0)};
 }
@@ -204,12 +199,15 @@ struct Scratch {
   }
 };
 
-// Run body(block, scratch) for every (sample, channel block) task, split over the threads.
+// Run body(block, scratch) for every (sample, channel block) task, split over the threads. The block size is
+// fixed before the parallel region: inside it at::get_num_threads() reads 1.
 template <typename T, typename Body>
 void for_each_block(const Quarter& q, int64_t batch, bool backward, const Body& body) {
-  at::parallel_for(0, block_count(batch, q.channels), 1, [&](int64_t begin, int64_t end) {
+  const int64_t size = block_size(batch, q.channels);
+  const int64_t tasks = batch * ((q.channels + size - 1) / size);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(q, backward);
-    for (int64_t task = begin; task < end; ++task) body(block_of(task, batch, q.channels), sc);
+    for (int64_t task = begin; task < end; ++task) body(block_of(task, size, q.channels), sc);
   });
 }
 

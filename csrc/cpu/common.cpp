@@ -207,11 +207,13 @@ at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input) 
     at::Tensor out = partials[chunk];
     at::mm_out(out, grad[n].narrow(1, begin, length), input[n].narrow(1, begin, length).t());
   }
+  if (chunks <= 1) return chunks == 1 ? partials[0] : partials[0].zero_();
   const at::Tensor ordered = partials.to(at::kDouble).contiguous();
-  at::Tensor out = at::zeros({out_channels, in_channels}, ordered.options());
+  at::Tensor out = at::empty({out_channels, in_channels}, ordered.options());
   const double* src = ordered.data_ptr<double>();
   double* dst = out.data_ptr<double>();
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+  std::copy(src, src + out_channels * in_channels, dst);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk)
     for (int64_t i = 0; i < out_channels * in_channels; ++i) dst[i] += src[chunk * out_channels * in_channels + i];
   return out.to(grad.scalar_type());
 }

@@ -139,18 +139,6 @@ Moments moments_of(const T* data, int64_t count) {
   return {static_cast<double>(count), mean, m2};
 }
 
-// sum(grad) and sum(grad * (x - mean)) over count values, in double.
-template <typename T>
-GradSums grad_sums_of(const T* grad, const T* x, double mean, int64_t count) {
-  double dy = 0, dy_centered = 0;
-#pragma omp simd reduction(+ : dy, dy_centered)
-  for (int64_t q = 0; q < count; ++q) {
-    dy += static_cast<double>(grad[q]);
-    dy_centered += static_cast<double>(grad[q]) * (static_cast<double>(x[q]) - mean);
-  }
-  return {dy, dy_centered};
-}
-
 // Per-channel moments of a dense [batch, channels, size] tensor.
 template <typename T>
 std::vector<Moments> channel_moments(const T* data, int64_t batch, int64_t channels, int64_t size) {

@@ -151,79 +151,73 @@ std::vector<Moments> channel_moments(const T* data, int64_t batch, int64_t chann
 
 // A [height, width] plane for depthwise convolutions with odd kernels of size k: the plane itself (the centre
 // column's source) and, for every other tap column b, a copy whose columns that a shift by b - k / 2 would wrap into
-// are zero, with k / 2 zeros of slack at both ends. Rows are filled incrementally with set_rows.
+// are zero. Each array has k / 2 zero rows (and k / 2 zeros) of slack before and after it, so every tap of every
+// output row reads inside the array: out-of-plane rows read zeros. Rows are filled with values() and set_rows.
 template <typename T>
 struct ShiftedColumns {
   int64_t height, width;
   int k, pad;
-  std::vector<T> plane;
-  std::vector<std::vector<T>> shifted;  // [k] (the centre entry unused)
+  int64_t slack;
+  std::vector<std::vector<T>> columns;  // [k]: the copy for tap column b (the centre one is the plane)
 
   ShiftedColumns(int64_t height, int64_t width, int k)
-      : height(height), width(width), k(k), pad(k / 2), plane(height * width), shifted(k) {
-    for (int b = 0; b < k; ++b)
-      if (b != pad) shifted[b].assign(height * width + 2 * pad, T(0));
+      : height(height), width(width), k(k), pad(k / 2), slack(pad * width + pad), columns(k) {
+    for (auto& c : columns) c.assign(height * width + 2 * slack, T(0));
   }
 
-  // The array that tap column b reads, indexed like the plane.
-  const T* source(int b) const { return b == pad ? plane.data() : shifted[b].data() + pad; }
+  // The plane's values, [height * width], written by the caller before set_rows.
+  T* values() { return columns[pad].data() + slack; }
+  const T* values() const { return columns[pad].data() + slack; }
 
-  // Copy rows [row0, row1) of the plane into the shifted copies (after writing them into `plane`).
+  // The array that tap column b reads, indexed like the plane.
+  const T* source(int b) const { return columns[b].data() + slack; }
+
+  // Copy rows [row0, row1) of values() into the shifted copies.
   void set_rows(int64_t row0, int64_t row1) {
     for (int b = 0; b < k; ++b) {
       if (b == pad) continue;
-      T* dst = shifted[b].data() + pad;
-      std::copy(plane.data() + row0 * width, plane.data() + row1 * width, dst + row0 * width);
+      T* dst = columns[b].data() + slack;
+      std::copy(values() + row0 * width, values() + row1 * width, dst + row0 * width);
       // Shift d < 0 wraps into the last -d columns of the row above, d > 0 into the first d of the row below.
       const int64_t d = b - pad;
-      const int64_t col0 = d < 0 ? width + d : 0, col1 = d < 0 ? width : d;
+      const int64_t col0 = std::max<int64_t>(d < 0 ? width + d : 0, 0), col1 = std::min<int64_t>(d < 0 ? width : d, width);
       for (int64_t i = row0; i < row1; ++i)
-        for (int64_t j = std::max<int64_t>(col0, 0); j < std::min<int64_t>(col1, width); ++j) dst[i * width + j] = T(0);
+        for (int64_t j = col0; j < col1; ++j) dst[i * width + j] = T(0);
     }
   }
 };
 
 // store(q, value) for q in [row0 * W, row1 * W) (flat positions of the plane), value = the depthwise convolution
 // (taps [k * k], zero padding k / 2) of `in` at q; needs in's rows up to row1 + k / 2. Taps accumulate in row-major
-// order. Rows whose every tap row lies inside the plane take all taps in one register-blocked pass (k = 3, the
-// GhostNet kernel, unrolled); the k / 2 border rows, and other kernel sizes, accumulate one flat loop per tap in
-// `scratch` (row1 - row0 rows) first. store is inlined into the vectorised loops.
+// order; the zero slack rows of ShiftedColumns make every row alike. The 3x3 kernel of GhostNet takes all nine taps
+// in one register-blocked pass; other sizes accumulate one flat loop per tap in `scratch` (row1 - row0 rows).
+// store is inlined into the vectorised loops.
 template <typename T, typename Store>
 void depthwise_rows(const ShiftedColumns<T>& in, const T* taps, int64_t row0, int64_t row1, T* scratch,
                     const Store& store) {
-  const int64_t width = in.width, k = in.k, pad = in.pad;
-  const bool unrolled = k == 3;
-  const int64_t inner0 = unrolled ? std::clamp<int64_t>(pad, row0, row1) : row1;
-  const int64_t inner1 = unrolled ? std::clamp<int64_t>(in.height - pad, inner0, row1) : row1;
-  T* acc = scratch - row0 * width;  // indexed by flat position
-  auto tap_by_tap = [&](int64_t first, int64_t last) {
-    if (first >= last) return;
-    std::fill(acc + first * width, acc + last * width, T(0));
-    for (int a = 0; a < k; ++a) {
-      const TapRange rows = tap_outputs(a, in.height, k);
-      const int64_t lo = std::max<int64_t>(rows.lo, first), hi = std::min<int64_t>(rows.hi, last);
-      for (int b = 0; b < k && lo < hi; ++b) {
-        const T w = taps[a * k + b];
-        const T* src = in.source(b) + (a - pad) * width + (b - pad);
+  const int64_t width = in.width, k = in.k, pad = in.pad, q0 = row0 * width, q1 = row1 * width;
+  if (k == 3) {
+    const T* s0 = in.source(0) - width - 1;
+    const T* s1 = in.source(1) - width;
+    const T* s2 = in.source(2) - width + 1;
+    const T w0 = taps[0], w1 = taps[1], w2 = taps[2], w3 = taps[3], w4 = taps[4], w5 = taps[5], w6 = taps[6],
+            w7 = taps[7], w8 = taps[8];
 #pragma omp simd
-        for (int64_t q = lo * width; q < hi * width; ++q) acc[q] += w * src[q];
-      }
-    }
+    for (int64_t q = q0; q < q1; ++q)
+      store(q, w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s0[q + width] + w4 * s1[q + width] + w5 * s2[q + width] +
+                   w6 * s0[q + 2 * width] + w7 * s1[q + 2 * width] + w8 * s2[q + 2 * width]);
+    return;
+  }
+  T* acc = scratch - q0;  // indexed by flat position
+  std::fill(acc + q0, acc + q1, T(0));
+  for (int t = 0; t < k * k; ++t) {
+    const T w = taps[t];
+    const T* src = in.source(t % k) + (t / k - pad) * width + (t % k - pad);
 #pragma omp simd
-    for (int64_t q = first * width; q < last * width; ++q) store(q, acc[q]);
-  };
-  tap_by_tap(row0, unrolled ? inner0 : row1);
-  if (!unrolled) return;
-  tap_by_tap(inner1, row1);
-  const T* s0 = in.source(0) - width - 1;
-  const T* s1 = in.source(1) - width;
-  const T* s2 = in.source(2) - width + 1;
-  const T w0 = taps[0], w1 = taps[1], w2 = taps[2], w3 = taps[3], w4 = taps[4], w5 = taps[5], w6 = taps[6],
-          w7 = taps[7], w8 = taps[8];
+    for (int64_t q = q0; q < q1; ++q) acc[q] += w * src[q];
+  }
 #pragma omp simd
-  for (int64_t q = inner0 * width; q < inner1 * width; ++q)
-    store(q, w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s0[q + width] + w4 * s1[q + width] + w5 * s2[q + width] +
-                 w6 * s0[q + 2 * width] + w7 * s1[q + 2 * width] + w8 * s2[q + 2 * width]);
+  for (int64_t q = q0; q < q1; ++q) store(q, acc[q]);
 }
 
 // sum over [begin, end) of term(q), accumulated in T within blocks of 256 and in double across blocks (a fixed

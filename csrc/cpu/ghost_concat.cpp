@@ -55,7 +55,7 @@ template <typename T>
 void primary_plane(const GhostBranch<T>& g, int64_t plane, Scratch<T>& sc) {
   const int64_t size = g.sizes.height * g.sizes.width;
   primary_values(g.y1.template data_ptr<T>() + plane * size, g.primary_affine[plane % g.sizes.init], g.relu, 0, size,
-                 sc.a1.plane.data());
+                 sc.a1.values());
   sc.a1.set_rows(0, g.sizes.height);
 }
 
@@ -83,7 +83,7 @@ std::vector<Moments> cheap_moments(const GhostBranch<T>& g) {
 }
 
 // Cheap channel j of sample n, given a1 in sc.a1: its convolution y2 into sc.y2 and the gradient of its BatchNorm's
-// output into sc.dy.plane; with a gate, grad_out times the ungated output into sc.product. Returns the BatchNorm
+// output into sc.dy.values(); with a gate, grad_out times the ungated output into sc.product. Returns the BatchNorm
 // backward's sums.
 template <typename T>
 GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const T* grad_out, const Gate<T>* gate,
@@ -96,7 +96,7 @@ GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const
   const Affine<T> bn = g.cheap_affine[j];
   const bool relu = g.relu;
   const T* go = grad_out + (n * s.oup + och) * size;
-  T* dv = sc.dy.plane.data();
+  T* dv = sc.dy.values();
   if (gate == nullptr) {
 #pragma omp simd
     for (int64_t q = 0; q < size; ++q) dv[q] = activation_backward(go[q], activate(bn.scale * y2[q] + bn.shift, relu), relu);
@@ -175,7 +175,7 @@ void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   const bool relu = g.relu;
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(s, block, false);
-    T* a1 = sc.a1.plane.data();
+    T* a1 = sc.a1.values();
     T* gv = sc.gate.data();
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
@@ -248,7 +248,7 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
   const bool relu = g.relu;
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(s, s.height, true);
-    const T* a1 = sc.a1.plane.data();
+    const T* a1 = sc.a1.values();
     T* a1_grad = sc.a1_grad.data();
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
@@ -261,7 +261,7 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
         cheap_partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, sc);
         if (dgate != nullptr) gate_grad(*gate, sc.product.data(), n, s.init + j, dgate);
         const BatchNormGrad<T> k = cheap_coefficients[j];
-        T* dy = sc.dy.plane.data();
+        T* dy = sc.dy.values();
         const T* y2 = sc.y2.data();
 #pragma omp simd
         for (int64_t q = 0; q < size; ++q) dy[q] = k.a * dy[q] + k.b * y2[q] + k.c;

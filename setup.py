@@ -2,10 +2,13 @@
 
 A CUDAExtension when torch is a CUDA build and nvcc is found, a CppExtension otherwise;
 GHOSTFUSED_BUILD_CUDA=0/1 forces either. TORCH_CUDA_ARCH_LIST is honoured by torch's build helpers.
+The CPU kernels target x86-64-v3 (AVX2, FMA) on x86-64; GHOSTFUSED_CPU_ARCH overrides the -march value
+("native", "x86-64-v4", ...; empty for the compiler's default).
 """
 
 import glob
 import os
+import platform
 import shutil
 
 import torch
@@ -24,6 +27,12 @@ def build_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
 
 
+def cpu_arch_flags() -> list[str]:
+    default = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else ""
+    arch = os.environ.get("GHOSTFUSED_CPU_ARCH", default)
+    return [f"-march={arch}"] if arch else []
+
+
 def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -31,7 +40,8 @@ def sources(pattern: str) -> list[str]:
 def extension():
     with_cuda = build_cuda()
     files = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -ffast-math: results stay IEEE; -fno-trapping-math lets loops with float selects (ReLU, clamps) vectorise.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *cpu_arch_flags()]
     kwargs = dict(
         name="ghostfused._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include")],

@@ -1,0 +1,234 @@
+"""CPU microbenchmark of the fused ops: the ``cpu`` backend against the eager composition of the reference modules.
+
+For every 'attn' Ghost module shape of ghostnetv2_100 at 224x224 (Cin, oup, H = W), batch 1 and 8, eval (forward)
+and train (forward + backward), each op runs side by side with its eager composition in one process, interleaved
+call by call, and the table shows medians and their ratio:
+
+* ghost_concat: primary conv + BN + ReLU, cheap depthwise + BN + ReLU, cat, slice (an 'original' module);
+* dfc_attention: features * upsample(sigmoid(short_conv(avg_pool(x))));
+* ghost_attn: the whole 'attn' module.
+
+``--overhead`` also times, at batch 1 in eval, the public op (validation + custom-op dispatch + autograd wrapper)
+against the raw ``torch.ops.ghostfused_C.<op>_forward`` kernel, to show the cost of the Python path.
+``--model`` adds ghostnetv2_100 inference (batch 1 and 8) and a training step (batch 8: forward, backward, SGD).
+
+The machine may be shared: figures are medians of interleaved runs, and ratios are what to compare. With
+``--threads 1 --cpu-time`` the clock is the process's CPU time, which other processes on the machine do not inflate
+(only meaningful single-threaded).
+
+    .venv/bin/python benchmarks/cpu_ops.py --threads 2 [--batch 1 8] [--overhead] [--model]
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ghostfused
+from ghostfused import ops, reference
+from ghostfused.models import ghostnetv2
+
+# (Cin, oup, H) of the 'attn' Ghost modules of ghostnetv2_100 at 224x224, and how many the model has.
+ATTN_SHAPES = [(24, 72, 56, 2), (40, 120, 28, 1), (40, 240, 28, 1), (80, 200, 14, 1), (80, 184, 14, 2),
+               (80, 480, 14, 1), (112, 672, 14, 2), (160, 960, 7, 4)]
+
+
+def randomized(module):
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0, 0.2)
+                bn.running_mean.normal_(0, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+CLOCK = time.perf_counter
+
+
+def side_by_side(calls: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each callable, run interleaved (one call of each per round)."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = CLOCK()
+            fn()
+            times[name].append(CLOCK() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def op_calls(op: str, cin: int, oup: int, size: int, batch: int, training: bool):
+    """(eager, fused) callables of one op at one shape."""
+    module = randomized(reference.GhostModuleV2(cin, oup, mode="attn" if op != "ghost_concat" else "original"))
+    module.train(training)
+    fused = ghostfused.convert(copy.deepcopy(module), backend="cpu")
+    x = torch.randn(batch, cin, size, size, requires_grad=training)
+    grad = torch.randn(batch, oup, size, size)
+    if op == "dfc_attention":
+        features = torch.randn(batch, oup, size, size, requires_grad=training)
+        short = module.short_conv
+        fused_short = copy.deepcopy(short)
+
+        def eager():
+            gate = torch.sigmoid(short(F.avg_pool2d(x, 2, 2)))
+            return features * F.interpolate(gate, size=(size, size), mode="nearest")
+
+        def fused_call():
+            s = fused_short
+            return ops.dfc_attention(x, features, s[0].weight, s[1], s[2].weight, s[3], s[4].weight, s[5],
+                                     training=training, backend="cpu")
+    else:
+        def eager():
+            return module(x)
+
+        def fused_call():
+            return fused(x)
+
+    def step(fn):
+        if not training:
+            def run():
+                with torch.no_grad():
+                    fn()
+            return run
+
+        def run():
+            fn().backward(grad)
+        return run
+
+    return step(eager), step(fused_call)
+
+
+def op_table(batches, repeats) -> list[str]:
+    lines = [f"{'op':<14} {'mode':<5} {'N':>2} {'Cin':>4} {'oup':>4} {'HxW':>7} {'eager ms':>9} {'cpu ms':>8} "
+             f"{'speedup':>8}"]
+    for training in (False, True):
+        for batch in batches:
+            totals = {}
+            for op in ("ghost_concat", "dfc_attention", "ghost_attn"):
+                total_eager = total_fused = 0.0
+                for cin, oup, size, count in ATTN_SHAPES:
+                    eager, fused = op_calls(op, cin, oup, size, batch, training)
+                    t = side_by_side({"eager": eager, "cpu": fused}, repeats)
+                    total_eager += count * t["eager"]
+                    total_fused += count * t["cpu"]
+                    lines.append(f"{op:<14} {'train' if training else 'eval':<5} {batch:>2} {cin:>4} {oup:>4} "
+                                 f"{size:>3}x{size:<3} {t['eager'] * 1e3:>9.3f} {t['cpu'] * 1e3:>8.3f} "
+                                 f"{t['eager'] / t['cpu']:>7.2f}x")
+                totals[op] = (total_eager, total_fused)
+            for op, (e, f) in totals.items():
+                lines.append(f"{op:<14} {'train' if training else 'eval':<5} {batch:>2} {'all 14 attn modules':>18} "
+                             f"{e * 1e3:>9.3f} {f * 1e3:>8.3f} {e / f:>7.2f}x   <- model-weighted")
+    return lines
+
+
+def overhead_table(repeats) -> list[str]:
+    """The fused module and the public op against the raw C++ kernel at batch 1, eval: the cost of the Python path
+    (module forward, validation, custom-op dispatch and autograd wrapper)."""
+    ghostfused.backends.extension()  # loading it registers torch.ops.ghostfused_C
+    lines = [f"{'op':<12} {'shape':<14} {'module us':>10} {'public op us':>13} {'raw kernel us':>14} "
+             f"{'python path us':>15}"]
+    for cin, oup, size, _ in ATTN_SHAPES:
+        module = randomized(reference.GhostModuleV2(cin, oup, mode="attn")).eval()
+        fused = ghostfused.convert(copy.deepcopy(module), backend="cpu")
+        p, c, s = module.primary_conv, module.cheap_operation, module.short_conv
+        x = torch.randn(1, cin, size, size)
+        bns = [p[1], c[1], s[1], s[3], s[5]]
+        lists = ([b.weight for b in bns], [b.bias for b in bns], [b.running_mean for b in bns],
+                 [b.running_var for b in bns], [b.eps for b in bns])
+        raw = torch.ops.ghostfused_C.ghost_attn_forward
+
+        def public():
+            with torch.no_grad():
+                ops.ghost_attn(x, p[0].weight, p[1], c[0].weight, c[1], s[0].weight, s[1], s[2].weight, s[3],
+                               s[4].weight, s[5], oup, backend="cpu")
+
+        def kernel():
+            with torch.no_grad():
+                raw(x, p[0].weight, c[0].weight, s[0].weight, s[2].weight, s[4].weight, *lists, oup, True, "nearest",
+                    False)
+
+        def fused_module():
+            with torch.no_grad():
+                fused(x)
+
+        t = side_by_side({"module": fused_module, "public": public, "raw": kernel}, repeats * 4)
+        lines.append(f"{'ghost_attn':<12} {f'{cin}->{oup} {size}x{size}':<14} {t['module'] * 1e6:>10.1f} "
+                     f"{t['public'] * 1e6:>13.1f} {t['raw'] * 1e6:>14.1f} {(t['module'] - t['raw']) * 1e6:>15.1f}")
+    return lines
+
+
+def model_table(repeats) -> list[str]:
+    lines = [f"{'model':<26} {'eager ms':>9} {'cpu ms':>8} {'speedup':>8}"]
+    eager = randomized(ghostnetv2(1.0, backend=None))
+    fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224)
+        eager.eval()
+        fused.eval()
+
+        def infer(model):
+            def run():
+                with torch.no_grad():
+                    model(x)
+            return run
+
+        t = side_by_side({"eager": infer(eager), "cpu": infer(fused)}, repeats)
+        lines.append(f"{f'inference batch {batch}':<26} {t['eager'] * 1e3:>9.2f} {t['cpu'] * 1e3:>8.2f} "
+                     f"{t['eager'] / t['cpu']:>7.2f}x")
+    x = torch.randn(8, 3, 224, 224)
+    target = torch.randint(0, 1000, (8,))
+
+    def train(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def run():
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), target).backward()
+            optimizer.step()
+        return run
+
+    eager.train()
+    fused.train()
+    t = side_by_side({"eager": train(eager), "cpu": train(fused)}, max(3, repeats // 2))
+    lines.append(f"{'training step batch 8':<26} {t['eager'] * 1e3:>9.2f} {t['cpu'] * 1e3:>8.2f} "
+                 f"{t['eager'] / t['cpu']:>7.2f}x")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--overhead", action="store_true", help="time the Python path around the kernels")
+    parser.add_argument("--model", action="store_true", help="also time ghostnetv2_100 inference and training")
+    parser.add_argument("--no-ops", action="store_true", help="skip the per-op table")
+    parser.add_argument("--cpu-time", action="store_true", help="time with the process CPU time (needs --threads 1)")
+    args = parser.parse_args()
+    if args.cpu_time:
+        if args.threads != 1:
+            parser.error("--cpu-time needs --threads 1")
+        global CLOCK
+        CLOCK = time.process_time
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    clock = "process CPU time" if args.cpu_time else "wall time"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, medians of {args.repeats} "
+          f"interleaved runs ({clock})")
+    if not args.no_ops:
+        print("\n".join(op_table(args.batch, args.repeats)))
+    if args.overhead:
+        print("\n".join(overhead_table(args.repeats)))
+    if args.model:
+        print("\n".join(model_table(args.repeats)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+#include "common.h"
+
+#include <ATen/ThreadLocalState.h>
+
+namespace ghostfused::cpu {
+
+at::ScalarType compute_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor dense(const at::Tensor& t, at::ScalarType dtype) {
+  return t.detach().to(dtype).contiguous();
+}
+
+at::Tensor as_output(const at::Tensor& out, const at::Tensor& x) {
+  return out.to(x.scalar_type()).contiguous(memory_format_of(x));
+}
+
+namespace {
+
+// A [C] tensor's values on the host (read in place when it is a CPU tensor: these are small and per call).
+std::vector<double> host_vector(const at::Tensor& t) {
+  const at::Tensor cpu = t.device().is_cpu() ? t : t.detach().cpu();
+  std::vector<double> out(cpu.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cpu.scalar_type(), "host_vector", [&] {
+    const scalar_t* data = cpu.const_data_ptr<scalar_t>();
+    const int64_t stride = cpu.numel() > 0 ? cpu.stride(0) : 1;
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(data[i * stride]);
+  });
+  return out;
+}
+
+}  // namespace
+
+std::vector<BatchNorm> batch_norms(at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
+                                   at::TensorList bn_var, at::ArrayRef<double> bn_eps) {
+  std::vector<BatchNorm> out;
+  for (size_t i = 0; i < bn_weight.size(); ++i)
+    out.push_back({host_vector(bn_weight[i]), host_vector(bn_bias[i]), host_vector(bn_mean[i]),
+                   host_vector(bn_var[i]), bn_eps[i]});
+  return out;
+}
+
+void set_batch_statistics(BatchNorm& bn, const std::vector<Moments>& moments) {
+  for (size_t c = 0; c < moments.size(); ++c) {
+    bn.mean[c] = moments_mean(moments[c]);
+    bn.var[c] = moments_biased_var(moments[c]);
+  }
+}
+
+at::Tensor packed(const std::vector<std::vector<double>>& values, const at::Tensor& x) {
+  int64_t size = 0;
+  for (const auto& v : values) size += static_cast<int64_t>(v.size());
+  at::Tensor out = at::empty({size}, at::TensorOptions().dtype(stats_dtype(x)));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "packed", [&] {
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (const auto& v : values)
+      for (double value : v) *dst++ = static_cast<scalar_t>(value);
+  });
+  return x.device().is_cpu() ? out : out.to(x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> packed_statistics(const std::vector<const BatchNorm*>& bns,
+                                                     const at::Tensor& x) {
+  std::vector<std::vector<double>> means, vars;
+  for (const BatchNorm* bn : bns) {
+    means.push_back(bn->mean);
+    vars.push_back(bn->var);
+  }
+  return {packed(means, x), packed(vars, x)};
+}
+
+void batch_norm_param_grads(const BatchNorm& bn, const std::vector<GradSums>& sums, std::vector<double>& weight,
+                            std::vector<double>& bias) {
+  weight.resize(sums.size());
+  bias.resize(sums.size());
+  for (size_t c = 0; c < sums.size(); ++c) {
+    weight[c] = batch_norm_weight_grad(bn.var[c], bn.eps, sums[c]);
+    bias[c] = sums[c].dy;
+  }
+}
+
+std::vector<Moments> combine_planes(const std::vector<Moments>& partials, int64_t batch, int64_t channels) {
+  std::vector<Moments> out(channels, Moments{0, 0, 0});
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t c = 0; c < channels; ++c) out[c] = combine(out[c], partials[n * channels + c]);
+  return out;
+}
+
+std::vector<GradSums> combine_planes(const std::vector<GradSums>& partials, int64_t batch, int64_t channels) {
+  std::vector<GradSums> out(channels, GradSums{0, 0});
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t c = 0; c < channels; ++c) out[c] = out[c] + partials[n * channels + c];
+  return out;
+}
+
+at::Tensor combine_tap_partials(const std::vector<double>& partials, int64_t batch, int64_t channels, int64_t taps,
+                                const at::TensorOptions& options) {
+  at::Tensor out = at::zeros({channels, taps}, at::TensorOptions().dtype(at::kDouble));
+  double* dst = out.data_ptr<double>();
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t i = 0; i < channels * taps; ++i) dst[i] += partials[n * channels * taps + i];
+  return out.to(options);
+}
+
+template <typename T>
+Gate<T>::Gate(const T* data, int64_t channels, int64_t h, int64_t w, int64_t H, int64_t W, bool nearest)
+    : data(data), channels(channels), h(h), w(w), H(H), W(W), nearest(nearest) {
+  if (nearest) {
+    for (int64_t i = 0; i < H; ++i) row_source.push_back(nearest_source_index(i, h, H));
+    for (int64_t j = 0; j < W; ++j) col_source.push_back(nearest_source_index(j, w, W));
+    col_begin.assign(w + 1, W);
+    for (int64_t j = W - 1; j >= 0; --j) col_begin[col_source[j]] = j;
+    for (int64_t c = w - 1; c >= 0; --c) col_begin[c] = std::min(col_begin[c], col_begin[c + 1]);
+  } else {
+    for (int64_t i = 0; i < H; ++i) row_taps.push_back(bilinear_tap<T>(i, h, H));
+    for (int64_t j = 0; j < W; ++j) col_taps.push_back(bilinear_tap<T>(j, w, W));
+  }
+}
+
+template <typename T>
+void Gate<T>::values(int64_t n, int64_t c, int64_t row0, int64_t row1, T* out) const {
+  const T* g = plane(n, c);
+  for (int64_t i = row0; i < row1; ++i) {
+    T* dst = out + (i - row0) * W;
+    if (nearest) {
+      if (i > row0 && row_source[i] == row_source[i - 1]) {  // the same source row: repeat the row above
+        std::copy(dst - W, dst, dst);
+        continue;
+      }
+      const T* src = g + row_source[i] * w;
+      const int64_t* cols = col_source.data();
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) dst[j] = src[cols[j]];
+      continue;
+    }
+    const BilinearTap<T> r = row_taps[i];
+    const T* top = g + r.i0 * w;
+    const T* bottom = g + r.i1 * w;
+    for (int64_t j = 0; j < W; ++j) {
+      const BilinearTap<T> t = col_taps[j];
+      dst[j] = r.w0 * (t.w0 * top[t.i0] + t.w1 * top[t.i1]) + r.w1 * (t.w0 * bottom[t.i0] + t.w1 * bottom[t.i1]);
+    }
+  }
+}
+
+template <typename T>
+void Gate<T>::reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const {
+  for (int64_t i = row0; i < row1; ++i) {
+    const T* src = grad + (i - row0) * W;
+    if (nearest) {
+      T* dst = plane + row_source[i] * w;
+      for (int64_t c = 0; c < w; ++c) {
+        T sum = T(0);
+        for (int64_t j = col_begin[c]; j < col_begin[c + 1]; ++j) sum += src[j];
+        dst[c] += sum;
+      }
+      continue;
+    }
+    const BilinearTap<T> r = row_taps[i];
+    T* top = plane + r.i0 * w;
+    T* bottom = plane + r.i1 * w;
+    for (int64_t j = 0; j < W; ++j) {
+      const BilinearTap<T> t = col_taps[j];
+      top[t.i0] += r.w0 * t.w0 * src[j];
+      top[t.i1] += r.w0 * t.w1 * src[j];
+      bottom[t.i0] += r.w1 * t.w0 * src[j];
+      bottom[t.i1] += r.w1 * t.w1 * src[j];
+    }
+  }
+}
+
+template struct Gate<float>;
+template struct Gate<double>;
+
+at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight) {
+  // mm / bmm straight into the dense output (at::matmul may fold the batch through transposes and copy).
+  const int64_t batch = x.size(0);
+  at::Tensor out = at::empty({batch, weight.size(0), x.size(2)}, x.options());
+  if (batch == 1) {
+    at::Tensor out0 = out[0];
+    at::mm_out(out0, weight, x[0]);
+  } else if (batch > 1) {
+    at::bmm_out(out, weight.expand({batch, weight.size(0), weight.size(1)}), x);
+  }
+  return out;
+}
+
+at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
+  // Chunks of at most chunk_size positions of one sample; the chunking depends on the shapes only.
+  constexpr int64_t chunk_size = 4096;
+  const int64_t batch = grad.size(0), out_channels = grad.size(1), in_channels = input.size(1);
+  const int64_t size = grad.size(2);
+  const int64_t per_sample = (size + chunk_size - 1) / chunk_size;
+  const int64_t chunks = batch * per_sample;
+  at::Tensor partials = at::empty({std::max<int64_t>(chunks, 1), out_channels, in_channels}, grad.options());
+  // Each chunk's GEMM runs single-threaded inside this parallel region (OpenMP does not nest), so its summation
+  // order is fixed; the region is entered even for one chunk so that the GEMM never runs multi-threaded. The
+  // caller's thread-local state (the dispatch keys excluded below autograd) goes with the work.
+  const int threads = std::max(1, at::get_num_threads());
+  const at::ThreadLocalState state;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const at::ThreadLocalStateGuard guard(state);
+    const int64_t n = chunk / per_sample, begin = (chunk % per_sample) * chunk_size;
+    const int64_t length = std::min(chunk_size, size - begin);
+    at::Tensor out = partials[chunk];
+    at::mm_out(out, grad[n].narrow(1, begin, length), input[n].narrow(1, begin, length).t());
+  }
+  if (chunks <= 1) return chunks == 1 ? partials[0] : partials[0].zero_();
+  const at::Tensor ordered = partials.to(at::kDouble).contiguous();
+  at::Tensor out = at::empty({out_channels, in_channels}, ordered.options());
+  const double* src = ordered.data_ptr<double>();
+  double* dst = out.data_ptr<double>();
+  std::copy(src, src + out_channels * in_channels, dst);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk)
+    for (int64_t i = 0; i < out_channels * in_channels; ++i) dst[i] += src[chunk * out_channels * in_channels + i];
+  return out.to(grad.scalar_type());
+}
+
+}  // namespace ghostfused::cpu

@@ -1,0 +1,286 @@
+// Building blocks of the CPU kernels (csrc/cpu/<op>.cpp): BatchNorm state on the host, per-plane statistics
+// combined in a fixed order, depthwise convolutions as flat loops, the DFC gate's upsampling, and the 1x1
+// convolutions as GEMMs.
+//
+// Layouts: full-resolution data is dense NCHW and handled one [H, W] plane at a time, as flat arrays, so that
+// every loop is long and vectorisable even for 7x7 planes. A depthwise tap (a, b) is then one flat loop over the
+// output rows it reaches, reading the input shifted by (a - pad) rows and (b - pad) columns; the columns a shift
+// would wrap into the neighbouring row are read from a copy of the input with those columns zeroed
+// (ShiftedColumns). The quarter-resolution DFC gate is NHWC ([N, h * w, C]), vectorised over channels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <bit>
+#include <cmath>
+#include <vector>
+
+#include "../glue.h"
+#include "ghostfused/batch_norm.h"
+#include "ghostfused/depthwise.h"
+#include "ghostfused/index_maps.h"
+
+namespace ghostfused::cpu {
+
+// float16 / bfloat16 inputs are computed in float32; float32 and float64 natively.
+at::ScalarType compute_dtype(const at::Tensor& x);
+
+// t detached, in dtype, dense NCHW (a copy only when needed).
+at::Tensor dense(const at::Tensor& t, at::ScalarType dtype);
+
+// A kernel's output computed in NCHW and the compute dtype, returned in x's dtype and layout.
+at::Tensor as_output(const at::Tensor& out, const at::Tensor& x);
+
+// One BatchNorm's parameters and statistics on the host, in double.
+struct BatchNorm {
+  std::vector<double> weight, bias, mean, var;  // mean / var: the statistics it normalises with
+  double eps;
+};
+
+// The op's BatchNorms from its schema lists; mean / var are bn_mean / bn_var (running or saved statistics).
+std::vector<BatchNorm> batch_norms(at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
+                                   at::TensorList bn_var, at::ArrayRef<double> bn_eps);
+
+// Replace a BatchNorm's mean / var by the batch statistics of per-channel moments.
+void set_batch_statistics(BatchNorm& bn, const std::vector<Moments>& moments);
+
+// Per-BatchNorm vectors packed into one tensor in the stats dtype of x (statistics, BatchNorm gradients).
+at::Tensor packed(const std::vector<std::vector<double>>& values, const at::Tensor& x);
+
+// The op's packed statistics (stats_mean, stats_var).
+std::tuple<at::Tensor, at::Tensor> packed_statistics(const std::vector<const BatchNorm*>& bns, const at::Tensor& x);
+
+template <typename T>
+std::vector<Affine<T>> folded(const BatchNorm& bn) {
+  std::vector<Affine<T>> out(bn.weight.size());
+  for (size_t c = 0; c < out.size(); ++c) {
+    const Affine<double> a = fold_batch_norm(bn.weight[c], bn.bias[c], bn.mean[c], bn.var[c], bn.eps);
+    out[c] = {static_cast<T>(a.scale), static_cast<T>(a.shift)};
+  }
+  return out;
+}
+
+// Per-channel backward coefficients (dx = a dy + b x + c) from the reduced sums over count values per channel.
+template <typename T>
+std::vector<BatchNormGrad<T>> backward_coefficients(const BatchNorm& bn, const std::vector<GradSums>& sums,
+                                                    double count, bool training) {
+  std::vector<BatchNormGrad<T>> out(bn.weight.size());
+  for (size_t c = 0; c < out.size(); ++c) {
+    const BatchNormGrad<double> g =
+        batch_norm_backward(bn.weight[c], bn.mean[c], bn.var[c], bn.eps, sums[c], count, training);
+    out[c] = {static_cast<T>(g.a), static_cast<T>(g.b), static_cast<T>(g.c)};
+  }
+  return out;
+}
+
+// The gradients of a BatchNorm's weight and bias from its reduced sums.
+void batch_norm_param_grads(const BatchNorm& bn, const std::vector<GradSums>& sums, std::vector<double>& weight,
+                            std::vector<double>& bias);
+
+// partials[n * channels + c] combined over n = 0, 1, ... in order: per-channel results that do not depend on how
+// the work was split between threads.
+std::vector<Moments> combine_planes(const std::vector<Moments>& partials, int64_t batch, int64_t channels);
+std::vector<GradSums> combine_planes(const std::vector<GradSums>& partials, int64_t batch, int64_t channels);
+// partials[(n * channels + c) * taps + t] summed over n: a depthwise weight gradient [channels, taps].
+at::Tensor combine_tap_partials(const std::vector<double>& partials, int64_t batch, int64_t channels, int64_t taps,
+                                const at::TensorOptions& options);
+
+// exp(v), vectorisable: for float a Cephes-style range reduction and degree-6 polynomial (about 1 ulp, inputs
+// clamped to [-87.3, 88]: the result saturates where exp would underflow or overflow, NaN propagates); for double
+// the library exp.
+inline float exp_simd(float v) {
+  v = v > 88.0f ? 88.0f : v;
+  v = v < -87.3f ? -87.3f : v;
+  const float n = std::floor(v * 1.44269504088896341f + 0.5f);
+  const float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline double exp_simd(double v) { return std::exp(v); }
+
+// sigmoid(v) = 1 / (1 + exp(-v)) with exp_simd.
+template <typename T>
+T sigmoid_simd(T v) {
+  return T(1) / (T(1) + exp_simd(-v));
+}
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for a [rows, cols] block, in tiles that stay in L1.
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t src_stride, T* dst, int64_t dst_stride) {
+  constexpr int64_t tile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += tile)
+    for (int64_t j0 = 0; j0 < cols; j0 += tile)
+      for (int64_t i = i0; i < std::min(rows, i0 + tile); ++i)
+        for (int64_t j = j0; j < std::min(cols, j0 + tile); ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+}
+
+// Moments of count values, two passes in double.
+template <typename T>
+Moments moments_of(const T* data, int64_t count) {
+  if (count == 0) return {0, 0, 0};
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t q = 0; q < count; ++q) sum += static_cast<double>(data[q]);
+  const double mean = sum / static_cast<double>(count);
+  double m2 = 0;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t q = 0; q < count; ++q) {
+    const double d = static_cast<double>(data[q]) - mean;
+    m2 += d * d;
+  }
+  return {static_cast<double>(count), mean, m2};
+}
+
+// Per-channel moments of a dense [batch, channels, size] tensor.
+template <typename T>
+std::vector<Moments> channel_moments(const T* data, int64_t batch, int64_t channels, int64_t size) {
+  std::vector<Moments> partials(batch * channels);
+  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) partials[plane] = moments_of(data + plane * size, size);
+  });
+  return combine_planes(partials, batch, channels);
+}
+
+// A [height, width] plane for depthwise convolutions with odd kernels of size k: the plane itself (the centre
+// column's source) and, for every other tap column b, a copy whose columns that a shift by b - k / 2 would wrap into
+// are zero. Each array has k / 2 zero rows (and k / 2 zeros) of slack before and after it, so every tap of every
+// output row reads inside the array: out-of-plane rows read zeros. Rows are filled with values() and set_rows.
+template <typename T>
+struct ShiftedColumns {
+  int64_t height, width;
+  int k, pad;
+  int64_t slack;
+  std::vector<std::vector<T>> columns;  // [k]: the copy for tap column b (the centre one is the plane)
+
+  ShiftedColumns(int64_t height, int64_t width, int k)
+      : height(height), width(width), k(k), pad(k / 2), slack(pad * width + pad), columns(k) {
+    for (auto& c : columns) c.assign(height * width + 2 * slack, T(0));
+  }
+
+  // The plane's values, [height * width], written by the caller before set_rows.
+  T* values() { return columns[pad].data() + slack; }
+  const T* values() const { return columns[pad].data() + slack; }
+
+  // The array that tap column b reads, indexed like the plane.
+  const T* source(int b) const { return columns[b].data() + slack; }
+
+  // Copy rows [row0, row1) of values() into the shifted copies.
+  void set_rows(int64_t row0, int64_t row1) {
+    for (int b = 0; b < k; ++b) {
+      if (b == pad) continue;
+      T* dst = columns[b].data() + slack;
+      std::copy(values() + row0 * width, values() + row1 * width, dst + row0 * width);
+      // Shift d < 0 wraps into the last -d columns of the row above, d > 0 into the first d of the row below.
+      const int64_t d = b - pad;
+      const int64_t col0 = std::max<int64_t>(d < 0 ? width + d : 0, 0), col1 = std::min<int64_t>(d < 0 ? width : d, width);
+      for (int64_t i = row0; i < row1; ++i)
+        for (int64_t j = col0; j < col1; ++j) dst[i * width + j] = T(0);
+    }
+  }
+};
+
+// store(q, value) for q in [row0 * W, row1 * W) (flat positions of the plane), value = the depthwise convolution
+// (taps [k * k], zero padding k / 2) of `in` at q; needs in's rows up to row1 + k / 2. Taps accumulate in row-major
+// order; the zero slack rows of ShiftedColumns make every row alike. The 3x3 kernel of GhostNet takes all nine taps
+// in one register-blocked pass; other sizes accumulate one flat loop per tap in `scratch` (row1 - row0 rows).
+// store is inlined into the vectorised loops.
+template <typename T, typename Store>
+void depthwise_rows(const ShiftedColumns<T>& in, const T* taps, int64_t row0, int64_t row1, T* scratch,
+                    const Store& store) {
+  const int64_t width = in.width, k = in.k, pad = in.pad, q0 = row0 * width, q1 = row1 * width;
+  if (k == 3) {
+    const T* s0 = in.source(0) - width - 1;
+    const T* s1 = in.source(1) - width;
+    const T* s2 = in.source(2) - width + 1;
+    const T w0 = taps[0], w1 = taps[1], w2 = taps[2], w3 = taps[3], w4 = taps[4], w5 = taps[5], w6 = taps[6],
+            w7 = taps[7], w8 = taps[8];
+#pragma omp simd
+    for (int64_t q = q0; q < q1; ++q)
+      store(q, w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s0[q + width] + w4 * s1[q + width] + w5 * s2[q + width] +
+                   w6 * s0[q + 2 * width] + w7 * s1[q + 2 * width] + w8 * s2[q + 2 * width]);
+    return;
+  }
+  T* acc = scratch - q0;  // indexed by flat position
+  std::fill(acc + q0, acc + q1, T(0));
+  for (int t = 0; t < k * k; ++t) {
+    const T w = taps[t];
+    const T* src = in.source(t % k) + (t / k - pad) * width + (t % k - pad);
+#pragma omp simd
+    for (int64_t q = q0; q < q1; ++q) acc[q] += w * src[q];
+  }
+#pragma omp simd
+  for (int64_t q = q0; q < q1; ++q) store(q, acc[q]);
+}
+
+// sum over [begin, end) of term(q), accumulated in T within blocks of 256 and in double across blocks (a fixed
+// order, so deterministic; float partial sums of 256 terms keep float32 accuracy well within 1e-5).
+template <typename T, typename Term>
+double blocked_sum(int64_t begin, int64_t end, const Term& term) {
+  double total = 0;
+  for (int64_t q0 = begin; q0 < end; q0 += 256) {
+    const int64_t q1 = std::min(end, q0 + 256);
+    T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t q = q0; q < q1; ++q) sum += term(q);
+    total += static_cast<double>(sum);
+  }
+  return total;
+}
+
+// taps_grad[a * k + b] += sum over outputs q of grad[q] * (the input tap (a, b) reads at q): the weight gradient of
+// depthwise_rows over the whole plane.
+template <typename T>
+void depthwise_weight_grad(const ShiftedColumns<T>& in, const T* grad, double* taps_grad) {
+  const int64_t width = in.width, k = in.k, pad = in.pad;
+  for (int a = 0; a < k; ++a) {
+    const TapRange rows = tap_outputs(a, in.height, k);
+    for (int b = 0; b < k && rows.lo < rows.hi; ++b) {
+      const T* src = in.source(b) + (a - pad) * width + (b - pad);
+      taps_grad[a * k + b] +=
+          blocked_sum<T>(rows.lo * width, rows.hi * width, [&](int64_t q) { return grad[q] * src[q]; });
+    }
+  }
+}
+
+// The taps of the transposed convolution: the kernel rotated by 180 degrees. depthwise_rows of the output gradient
+// (as ShiftedColumns) with these taps is the input gradient of depthwise_rows.
+template <typename T>
+void rotated_taps(const T* taps, int k, T* out) {
+  for (int t = 0; t < k * k; ++t) out[t] = taps[k * k - 1 - t];
+}
+
+// The DFC gate g [N, C, h * w] upsampled to [H, W] ('nearest' or 'bilinear', ghostfused/index_maps.h).
+template <typename T>
+struct Gate {
+  const T* data;
+  int64_t channels, h, w, H, W;
+  bool nearest;
+  std::vector<int64_t> row_source, col_source, col_begin;  // nearest: source row / column; columns per source column
+  std::vector<BilinearTap<T>> row_taps, col_taps;          // bilinear
+
+  Gate(const T* data, int64_t channels, int64_t h, int64_t w, int64_t H, int64_t W, bool nearest);
+
+  const T* plane(int64_t n, int64_t c) const { return data + (n * channels + c) * h * w; }
+  // out[(i - row0) * W + j], i in [row0, row1): channel c of sample n at full resolution.
+  void values(int64_t n, int64_t c, int64_t row0, int64_t row1, T* out) const;
+  // plane[h * w] += the transposed upsampling of grad[(i - row0) * W + j], i in [row0, row1).
+  void reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const;
+};
+
+// [batch, out, size] = weight[out, in] @ x[batch, in, size]: a 1x1 convolution as one (batched) GEMM.
+at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight);
+
+// [out, in] = sum over n of grad[n] @ input[n]^T (grad [batch, out, size], input [batch, in, size], any strides):
+// the weight gradient of a 1x1 convolution. Split into fixed chunks of the reduction whose partial GEMMs are
+// summed in order, so the result does not depend on the thread count.
+at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input);
+
+}  // namespace ghostfused::cpu

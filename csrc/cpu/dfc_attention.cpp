@@ -1,0 +1,574 @@
+// dfc_attention on the CPU: the gate at quarter resolution (pooling, one GEMM over the batch, per-plane passes
+// for the depthwise convolutions, BatchNorms and sigmoid), then one pass that writes features times the
+// upsampled gate.
+#include "dfc_attention.h"
+
+#include <torch/library.h>
+
+namespace ghostfused::cpu {
+namespace {
+
+// Channels per task of the quarter-resolution passes (tasks are (sample, channel block) pairs).
+constexpr int64_t kChannelBlock = 128;
+
+template <typename T>
+at::Tensor average_pool(const at::Tensor& x, int64_t batch, int64_t channels, int64_t height, int64_t width) {
+  const int64_t h = pooled_size(height), w = pooled_size(width);
+  at::Tensor pooled = at::empty({batch, channels, h * w}, x.options());
+  const T* src = x.template data_ptr<T>();
+  T* dst = pooled.template data_ptr<T>();
+  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane)
+      for (int64_t i = 0; i < h; ++i) {
+        const T* top = src + plane * height * width + 2 * i * width;
+        const T* bottom = top + width;
+        T* out = dst + plane * h * w + i * w;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j)
+          out[j] = average_2x2(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]);
+      }
+  });
+  return pooled;
+}
+
+// [N, L, C] = x^T @ weight^T for x [N, Cin, L] (NCHW) and weight [C, Cin]: the 1x1 convolution with an NHWC output,
+// the GEMM orientation that stays efficient for a few pixels and many channels.
+at::Tensor conv1x1_nhwc(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t batch = x.size(0);
+  at::Tensor out = at::empty({batch, x.size(2), weight.size(0)}, x.options());
+  if (batch == 1) {
+    at::Tensor out0 = out[0];
+    at::mm_out(out0, x[0].t(), weight.t());
+  } else if (batch > 1) {
+    at::bmm_out(out, x.transpose(1, 2), weight.t().expand({batch, weight.size(1), weight.size(0)}));
+  }
+  return out;
+}
+
+// One task of the quarter-resolution passes: sample n, channels [c0, c0 + cb) of [N, L, C] arrays; local buffers
+// are [L, cb]. The channels split into blocks of equal size (a multiple of 8, at most kChannelBlock), enough of
+// them for every thread to have work at batch 1. Channels are independent, so the split does not change results.
+struct Block {
+  int64_t n, c0, cb;
+};
+
+int64_t block_size(int64_t batch, int64_t channels) {
+  const int64_t wanted = std::max<int64_t>((2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1),
+                                           (channels + kChannelBlock - 1) / kChannelBlock);
+  const int64_t blocks = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(channels / 16, 1));
+  return std::min(kChannelBlock, ((channels + blocks - 1) / blocks + 7) / 8 * 8);
+}
+
+Block block_of(int64_t task, int64_t size, int64_t channels) {
+  const int64_t blocks = (channels + size - 1) / size;
+  const int64_t c0 = (task % blocks) * size;
+  return {task / blocks, c0, std::min(size, channels - c0)};
+}
+
+// The quarter-resolution geometry shared by the passes.
+struct Quarter {
+  int64_t h, w, size, channels;
+  int k;
+};
+
+// local[l, i] = scale[i] * global[l, i] + shift[i] (per-channel vectors offset to the block).
+template <typename T>
+void load_affine(const T* global, const Quarter& q, const Block& b, const T* scale, const T* shift, T* local) {
+  const T* src = global + b.n * q.size * q.channels + b.c0;
+  for (int64_t l = 0; l < q.size; ++l) {
+    const T* row = src + l * q.channels;
+    T* dst = local + l * b.cb;
+#pragma omp simd
+    for (int64_t i = 0; i < b.cb; ++i) dst[i] = scale[i] * row[i] + shift[i];
+  }
+}
+
+template <typename T>
+void load(const T* global, const Quarter& q, const Block& b, T* local) {
+  const T* src = global + b.n * q.size * q.channels + b.c0;
+  for (int64_t l = 0; l < q.size; ++l) std::copy(src + l * q.channels, src + l * q.channels + b.cb, local + l * b.cb);
+}
+
+template <typename T>
+void store(const T* local, const Quarter& q, const Block& b, T* global) {
+  T* dst = global + b.n * q.size * q.channels + b.c0;
+  for (int64_t l = 0; l < q.size; ++l) std::copy(local + l * b.cb, local + (l + 1) * b.cb, dst + l * q.channels);
+}
+
+// Depthwise convolution of a local [h, w, cb] block along columns (horizontal, (1, K)) or rows (vertical, (K, 1));
+// taps[t * C + i] is tap t of the block's channel i (offset to the block).
+template <typename T>
+void depthwise_nhwc(const T* in, const T* taps, const Quarter& q, int64_t cb, bool horizontal, T* out) {
+  std::fill(out, out + q.size * cb, T(0));
+  const int64_t pad = q.k / 2;
+  for (int t = 0; t < q.k; ++t) {
+    const T* w = taps + t * q.channels;
+    const TapRange range = tap_outputs(t, horizontal ? q.w : q.h, q.k);
+    for (int64_t i = 0; i < q.h; ++i)
+      for (int64_t j = 0; j < q.w; ++j) {
+        const int64_t along = horizontal ? j : i;
+        if (along < range.lo || along >= range.hi) continue;
+        const int64_t source = horizontal ? i * q.w + j + t - pad : (i + t - pad) * q.w + j;
+        T* dst = out + (i * q.w + j) * cb;
+        const T* src = in + source * cb;
+#pragma omp simd
+        for (int64_t c = 0; c < cb; ++c) dst[c] += w[c] * src[c];
+      }
+  }
+}
+
+// Backward of depthwise_nhwc: in_grad (zeroed by the caller) += the transposed convolution of grad, and
+// taps_grad[t * cb + c] += sum of grad * the tap's input, in double.
+template <typename T>
+void depthwise_nhwc_backward(const T* in, const T* taps, const Quarter& q, int64_t cb, bool horizontal,
+                             const T* grad, T* in_grad, double* taps_grad) {
+  const int64_t pad = q.k / 2;
+  for (int t = 0; t < q.k; ++t) {
+    const T* w = taps + t * q.channels;
+    double* tg = taps_grad + t * cb;
+    const TapRange range = tap_outputs(t, horizontal ? q.w : q.h, q.k);
+    for (int64_t i = 0; i < q.h; ++i)
+      for (int64_t j = 0; j < q.w; ++j) {
+        const int64_t along = horizontal ? j : i;
+        if (along < range.lo || along >= range.hi) continue;
+        const int64_t source = horizontal ? i * q.w + j + t - pad : (i + t - pad) * q.w + j;
+        const T* g = grad + (i * q.w + j) * cb;
+        const T* src = in + source * cb;
+        T* dst = in_grad + source * cb;
+#pragma omp simd
+        for (int64_t c = 0; c < cb; ++c) {
+          tg[c] += static_cast<double>(g[c]) * static_cast<double>(src[c]);
+          dst[c] += w[c] * g[c];
+        }
+      }
+  }
+}
+
+// Per-channel moments of a local [L, cb] block into partials[n * C + c0 + i].
+template <typename T>
+void block_moments(const T* local, const Quarter& q, const Block& b, std::vector<Moments>& partials) {
+  std::vector<double> mean(b.cb, 0.0), m2(b.cb, 0.0);
+  for (int64_t l = 0; l < q.size; ++l)
+#pragma omp simd
+    for (int64_t c = 0; c < b.cb; ++c) mean[c] += static_cast<double>(local[l * b.cb + c]);
+  for (int64_t c = 0; c < b.cb; ++c) mean[c] /= static_cast<double>(q.size);
+  for (int64_t l = 0; l < q.size; ++l)
+#pragma omp simd
+    for (int64_t c = 0; c < b.cb; ++c) {
+      const double d = static_cast<double>(local[l * b.cb + c]) - mean[c];
+      m2[c] += d * d;
+    }
+  for (int64_t c = 0; c < b.cb; ++c)
+    partials[b.n * q.channels + b.c0 + c] = {static_cast<double>(q.size), mean[c], m2[c]};
+}
+
+// Per-channel sum(grad) and sum(grad * (z - mean)) of local [L, cb] blocks into partials[n * C + c0 + i].
+template <typename T>
+void block_grad_sums(const T* grad, const T* z, const Quarter& q, const Block& b, const BatchNorm& bn,
+                     std::vector<GradSums>& partials) {
+  std::vector<double> dy(b.cb, 0.0), dy_centered(b.cb, 0.0);
+  const double* mean = bn.mean.data() + b.c0;
+  for (int64_t l = 0; l < q.size; ++l)
+#pragma omp simd
+    for (int64_t c = 0; c < b.cb; ++c) {
+      const double g = static_cast<double>(grad[l * b.cb + c]);
+      dy[c] += g;
+      dy_centered[c] += g * (static_cast<double>(z[l * b.cb + c]) - mean[c]);
+    }
+  for (int64_t c = 0; c < b.cb; ++c) partials[b.n * q.channels + b.c0 + c] = {dy[c], dy_centered[c]};
+}
+
+// Per-thread buffers: three [L, cb] blocks and the per-channel coefficient vectors of one block.
+template <typename T>
+struct Scratch {
+  std::vector<T> u, z, grad;
+  std::vector<T> a, b, c;
+  std::vector<double> taps_grad;
+
+  Scratch(const Quarter& q, bool backward)
+      : u(q.size * kChannelBlock), z(q.size * kChannelBlock), grad(backward ? q.size * kChannelBlock : 0),
+        a(kChannelBlock), b(kChannelBlock), c(kChannelBlock), taps_grad(backward ? q.k * kChannelBlock : 0) {}
+
+  // The backward coefficients of the block's channels as vectors.
+  void set_coefficients(const std::vector<BatchNormGrad<T>>& k, const Block& blk) {
+    for (int64_t i = 0; i < blk.cb; ++i) {
+      a[i] = k[blk.c0 + i].a;
+      b[i] = k[blk.c0 + i].b;
+      c[i] = k[blk.c0 + i].c;
+    }
+  }
+};
+
+// Run body(block, scratch) for every (sample, channel block) task, split over the threads. The block size is
+// fixed before the parallel region: inside it at::get_num_threads() reads 1.
+template <typename T, typename Body>
+void for_each_block(const Quarter& q, int64_t batch, bool backward, const Body& body) {
+  const int64_t size = block_size(batch, q.channels);
+  const int64_t tasks = batch * ((q.channels + size - 1) / size);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc(q, backward);
+    for (int64_t task = begin; task < end; ++task) body(block_of(task, size, q.channels), sc);
+  });
+}
+
+// out = features * the upsampled gate, plane by plane ([N, C, H * W] NCHW).
+template <typename T>
+void gate_product(const Gate<T>& gate, const T* features, int64_t batch, T* out) {
+  const int64_t size = gate.H * gate.W;
+  at::parallel_for(0, batch * gate.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> values(size);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      gate.values(plane / gate.channels, plane % gate.channels, 0, gate.H, values.data());
+      const T* src = features + plane * size;
+      T* dst = out + plane * size;
+#pragma omp simd
+      for (int64_t q = 0; q < size; ++q) dst[q] = src[q] * values[q];
+    }
+  });
+}
+
+// dfeatures = dout * the upsampled gate; dgate [N, C, h * w] = features * dout reduced to the gate's resolution.
+template <typename T>
+void gate_product_backward(const Gate<T>& gate, const T* grad_out, const T* features, int64_t batch, T* dfeatures,
+                           T* dgate) {
+  const int64_t size = gate.H * gate.W, gate_size = gate.h * gate.w;
+  at::parallel_for(0, batch * gate.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> values(size), product(size);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / gate.channels, c = plane % gate.channels;
+      gate.values(n, c, 0, gate.H, values.data());
+      const T* go = grad_out + plane * size;
+      const T* f = features + plane * size;
+      T* dst = dfeatures + plane * size;
+#pragma omp simd
+      for (int64_t q = 0; q < size; ++q) {
+        dst[q] = go[q] * values[q];
+        product[q] = go[q] * f[q];
+      }
+      T* dg = dgate + plane * gate_size;
+      std::fill(dg, dg + gate_size, T(0));
+      gate.reduce(product.data(), 0, gate.H, dg);
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+                    const at::Tensor& vertical_weight, std::vector<BatchNorm> bns, const DfcSizes& sizes,
+                    bool batch_statistics, bool keep_intermediates) {
+  const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
+  DfcGate<T> g;
+  g.sizes = sizes;
+  g.batch = x.size(0);
+  g.in_channels = x.size(1);
+  g.height = x.size(2);
+  g.width = x.size(3);
+  const int64_t channels = sizes.channels, k = sizes.kernel;
+  const Quarter q{sizes.pooled_h, sizes.pooled_w, sizes.pooled_h * sizes.pooled_w, channels, static_cast<int>(k)};
+  g.conv_weight = dense(conv_weight, dtype).view({channels, g.in_channels});
+  g.horizontal_taps = dense(horizontal_weight, dtype).view({channels, k}).t().contiguous();
+  g.vertical_taps = dense(vertical_weight, dtype).view({channels, k}).t().contiguous();
+  g.bns = std::move(bns);
+  g.pooled = average_pool<T>(dense(x, dtype), g.batch, g.in_channels, g.height, g.width);
+  g.z0 = conv1x1_nhwc(g.pooled, g.conv_weight);
+  g.gate = at::empty({g.batch, channels, q.size}, g.z0.options());
+  const T* z0 = g.z0.template data_ptr<T>();
+  const T* htaps = g.horizontal_taps.template data_ptr<T>();
+  const T* vtaps = g.vertical_taps.template data_ptr<T>();
+  T* gate = g.gate.template data_ptr<T>();
+  std::vector<Moments> partials(g.batch * channels);
+  auto fold = [&](int index) {
+    if (batch_statistics) set_batch_statistics(g.bns[index], combine_planes(partials, g.batch, channels));
+    const std::vector<Affine<T>> affine = folded<T>(g.bns[index]);
+    for (const Affine<T>& a : affine) {
+      g.scale[index].push_back(a.scale);
+      g.shift[index].push_back(a.shift);
+    }
+  };
+  // gate (NCHW) = sigmoid(BN2(z2)) of a block: computed in place, then stored transposed.
+  auto write_gate = [&](T* z2, const Block& b) {
+    const T* scale = g.scale[2].data() + b.c0;
+    const T* shift = g.shift[2].data() + b.c0;
+    for (int64_t l = 0; l < q.size; ++l)
+#pragma omp simd
+      for (int64_t c = 0; c < b.cb; ++c) z2[l * b.cb + c] = sigmoid_simd(scale[c] * z2[l * b.cb + c] + shift[c]);
+    transpose(z2, q.size, b.cb, b.cb, gate + (b.n * channels + b.c0) * q.size, q.size);
+  };
+
+  if (batch_statistics)
+    for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
+      load(z0, q, b, sc.z.data());
+      block_moments(sc.z.data(), q, b, partials);
+    });
+  fold(0);
+  if (!batch_statistics && !keep_intermediates) {  // inference: every stage of a block in one go
+    fold(1);
+    fold(2);
+    for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
+      load_affine(z0, q, b, g.scale[0].data() + b.c0, g.shift[0].data() + b.c0, sc.u.data());
+      depthwise_nhwc(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.z.data());
+      for (int64_t l = 0; l < q.size; ++l)
+#pragma omp simd
+        for (int64_t c = 0; c < b.cb; ++c)
+          sc.u[l * b.cb + c] = g.scale[1][b.c0 + c] * sc.z[l * b.cb + c] + g.shift[1][b.c0 + c];
+      depthwise_nhwc(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.z.data());
+      write_gate(sc.z.data(), b);
+    });
+    return g;
+  }
+
+  // Stage by stage, each BatchNorm's statistics complete before the next stage uses them.
+  g.z1 = at::empty_like(g.z0);
+  g.z2 = at::empty_like(g.z0);
+  T* z1 = g.z1.template data_ptr<T>();
+  T* z2 = g.z2.template data_ptr<T>();
+  for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
+    load_affine(z0, q, b, g.scale[0].data() + b.c0, g.shift[0].data() + b.c0, sc.u.data());
+    depthwise_nhwc(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.z.data());
+    store(sc.z.data(), q, b, z1);
+    if (batch_statistics) block_moments(sc.z.data(), q, b, partials);
+  });
+  fold(1);
+  for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
+    load_affine(z1, q, b, g.scale[1].data() + b.c0, g.shift[1].data() + b.c0, sc.u.data());
+    depthwise_nhwc(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.z.data());
+    store(sc.z.data(), q, b, z2);
+    if (batch_statistics) block_moments(sc.z.data(), q, b, partials);
+  });
+  fold(2);
+  for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
+    load(z2, q, b, sc.z.data());
+    write_gate(sc.z.data(), b);
+  });
+  return g;
+}
+
+template <typename T>
+DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
+  const int64_t channels = g.sizes.channels, k = g.sizes.kernel;
+  const Quarter q{g.sizes.pooled_h, g.sizes.pooled_w, g.sizes.pooled_h * g.sizes.pooled_w, channels,
+                  static_cast<int>(k)};
+  const double count = static_cast<double>(g.batch * q.size);
+  const T* z0 = g.z0.template data_ptr<T>();
+  const T* z1 = g.z1.template data_ptr<T>();
+  const T* z2 = g.z2.template data_ptr<T>();
+  const T* gate = g.gate.template data_ptr<T>();
+  const T* htaps = g.horizontal_taps.template data_ptr<T>();
+  const T* vtaps = g.vertical_taps.template data_ptr<T>();
+  std::vector<GradSums> partials(g.batch * channels);
+  std::vector<GradSums> sums[3];
+  auto reduce = [&](int index) {
+    sums[index] = combine_planes(partials, g.batch, channels);
+    return backward_coefficients<T>(g.bns[index], sums[index], count, training);
+  };
+  // du2 = the gradient through the sigmoid, for a block (gate and dgate are NCHW; scratch: [L, cb]).
+  auto sigmoid_grad = [&](const Block& b, T* du2, T* scratch) {
+    transpose(dgate + (b.n * channels + b.c0) * q.size, b.cb, q.size, q.size, du2, b.cb);
+    transpose(gate + (b.n * channels + b.c0) * q.size, b.cb, q.size, q.size, scratch, b.cb);
+#pragma omp simd
+    for (int64_t i = 0; i < q.size * b.cb; ++i) du2[i] = sigmoid_backward(du2[i], scratch[i]);
+  };
+  // grad = a * grad + b * z + c, per channel (the BatchNorm backward of a block).
+  auto batch_norm_grad = [&](Scratch<T>& sc, const Block& b, T* grad, const T* z) {
+    for (int64_t l = 0; l < q.size; ++l)
+#pragma omp simd
+      for (int64_t c = 0; c < b.cb; ++c)
+        grad[l * b.cb + c] = sc.a[c] * grad[l * b.cb + c] + sc.b[c] * z[l * b.cb + c] + sc.c[c];
+  };
+  std::vector<double> tap_partials[2] = {std::vector<double>(g.batch * channels * k, 0.0),
+                                         std::vector<double>(g.batch * channels * k, 0.0)};
+  auto store_taps = [&](Scratch<T>& sc, const Block& b, std::vector<double>& out) {
+    for (int64_t c = 0; c < b.cb; ++c)
+      for (int64_t t = 0; t < k; ++t) out[(b.n * channels + b.c0 + c) * k + t] = sc.taps_grad[t * b.cb + c];
+  };
+
+  // The sigmoid and the vertical BatchNorm: sums for its coefficients.
+  for_each_block<T>(q, g.batch, true, [&](const Block& b, Scratch<T>& sc) {
+    sigmoid_grad(b, sc.grad.data(), sc.z.data());
+    load(z2, q, b, sc.z.data());
+    block_grad_sums(sc.grad.data(), sc.z.data(), q, b, g.bns[2], partials);
+  });
+  const std::vector<BatchNormGrad<T>> k2 = reduce(2);
+
+  // The vertical convolution: weight gradient and u1's gradient (u1 = BN1(z1)), then the horizontal BN's sums.
+  at::Tensor grad_a = at::empty_like(g.z0), grad_b = at::empty_like(g.z0);
+  T* du1 = grad_a.template data_ptr<T>();
+  for_each_block<T>(q, g.batch, true, [&](const Block& b, Scratch<T>& sc) {
+    sc.set_coefficients(k2, b);
+    sigmoid_grad(b, sc.grad.data(), sc.z.data());
+    load(z2, q, b, sc.z.data());
+    batch_norm_grad(sc, b, sc.grad.data(), sc.z.data());
+    load_affine(z1, q, b, g.scale[1].data() + b.c0, g.shift[1].data() + b.c0, sc.u.data());
+    std::fill(sc.z.begin(), sc.z.end(), T(0));
+    std::fill(sc.taps_grad.begin(), sc.taps_grad.end(), 0.0);
+    depthwise_nhwc_backward(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.grad.data(), sc.z.data(),
+                            sc.taps_grad.data());
+    store_taps(sc, b, tap_partials[1]);
+    store(sc.z.data(), q, b, du1);
+    load(z1, q, b, sc.u.data());
+    block_grad_sums(sc.z.data(), sc.u.data(), q, b, g.bns[1], partials);
+  });
+  const std::vector<BatchNormGrad<T>> k1 = reduce(1);
+
+  // The horizontal convolution: weight gradient and u0's gradient, then the conv BN's sums.
+  T* du0 = grad_b.template data_ptr<T>();
+  for_each_block<T>(q, g.batch, true, [&](const Block& b, Scratch<T>& sc) {
+    sc.set_coefficients(k1, b);
+    load(du1, q, b, sc.grad.data());
+    load(z1, q, b, sc.z.data());
+    batch_norm_grad(sc, b, sc.grad.data(), sc.z.data());
+    load_affine(z0, q, b, g.scale[0].data() + b.c0, g.shift[0].data() + b.c0, sc.u.data());
+    std::fill(sc.z.begin(), sc.z.end(), T(0));
+    std::fill(sc.taps_grad.begin(), sc.taps_grad.end(), 0.0);
+    depthwise_nhwc_backward(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.grad.data(), sc.z.data(),
+                            sc.taps_grad.data());
+    store_taps(sc, b, tap_partials[0]);
+    store(sc.z.data(), q, b, du0);
+    load(z0, q, b, sc.u.data());
+    block_grad_sums(sc.z.data(), sc.u.data(), q, b, g.bns[0], partials);
+  });
+  const std::vector<BatchNormGrad<T>> k0 = reduce(0);
+
+  // dz0 in place, then the 1x1 convolution's gradients.
+  for_each_block<T>(q, g.batch, true, [&](const Block& b, Scratch<T>& sc) {
+    sc.set_coefficients(k0, b);
+    load(du0, q, b, sc.grad.data());
+    load(z0, q, b, sc.z.data());
+    batch_norm_grad(sc, b, sc.grad.data(), sc.z.data());
+    store(sc.grad.data(), q, b, du0);
+  });
+
+  DfcGrads grads;
+  const at::Tensor dz0 = grad_b.transpose(1, 2);  // [N, C, L]
+  grads.pooled = conv1x1(dz0, g.conv_weight.t());
+  grads.conv_weight = conv1x1_weight_grad(dz0, g.pooled);
+  grads.horizontal_weight = combine_tap_partials(tap_partials[0], g.batch, channels, k, g.z0.options());
+  grads.vertical_weight = combine_tap_partials(tap_partials[1], g.batch, channels, k, g.z0.options());
+  grads.bn_weight.resize(3);
+  grads.bn_bias.resize(3);
+  for (int i = 0; i < 3; ++i) batch_norm_param_grads(g.bns[i], sums[i], grads.bn_weight[i], grads.bn_bias[i]);
+  return grads;
+}
+
+template <typename T>
+void pool_backward(const at::Tensor& pooled_grad, int64_t height, int64_t width, T* dx, bool accumulate) {
+  const int64_t h = pooled_size(height), w = pooled_size(width);
+  const int64_t planes = pooled_grad.size(0) * pooled_grad.size(1);
+  const T* src = pooled_grad.template data_ptr<T>();
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      T* out = dx + plane * height * width;
+      for (int64_t i = 0; i < height; ++i) {
+        T* row = out + i * width;
+        const T* grad = src + plane * h * w + (i / 2) * w;
+        if (i >= 2 * h) {  // the row the pooling dropped
+          if (!accumulate) std::fill(row, row + width, T(0));
+          continue;
+        }
+        if (accumulate) {
+#pragma omp simd
+          for (int64_t j = 0; j < 2 * w; ++j) row[j] += grad[j / 2] * T(0.25);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < 2 * w; ++j) row[j] = grad[j / 2] * T(0.25);
+          std::fill(row + 2 * w, row + width, T(0));
+        }
+      }
+    }
+  });
+}
+
+#define GHOSTFUSED_INSTANTIATE(T)                                                                                \
+  template DfcGate<T> dfc_gate<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,   \
+                                  std::vector<BatchNorm>, const DfcSizes&, bool, bool);                          \
+  template DfcGrads dfc_gate_backward<T>(const DfcGate<T>&, const T*, bool);                                     \
+  template void pool_backward<T>(const at::Tensor&, int64_t, int64_t, T*, bool);
+GHOSTFUSED_INSTANTIATE(float)
+GHOSTFUSED_INSTANTIATE(double)
+#undef GHOSTFUSED_INSTANTIATE
+
+namespace {
+
+constexpr const char* kForward = "ghostfused_C::dfc_attention_forward";
+constexpr const char* kBackward = "ghostfused_C::dfc_attention_backward";
+
+DfcSizes check_arguments(const char* op, const at::Tensor& x, const at::Tensor& features,
+                         const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+                         const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
+                         at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
+                         const std::string& upsample, bool training) {
+  check_input(op, x);
+  check_input(op, features, "features");
+  const int64_t channels = features.size(1);
+  const DfcSizes s = check_dfc_arguments(op, x, conv_weight, horizontal_weight, vertical_weight, channels, upsample);
+  check_features(op, features, x, channels);
+  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {channels, channels, channels});
+  check_training_count(op, x.size(0) * s.pooled_h * s.pooled_w, training);
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
+    const at::Tensor& x, const at::Tensor& features, const at::Tensor& conv_weight,
+    const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight, at::TensorList bn_weight,
+    at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
+    c10::string_view upsample, bool training) {
+  const DfcSizes s = check_arguments(kForward, x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight,
+                                     bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
+  const at::ScalarType dtype = compute_dtype(x);
+  const at::Tensor xd = dense(x, dtype), feats = dense(features, dtype);
+  at::Tensor out = empty_output(feats.sizes(), feats.options());
+  at::Tensor mean, var;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_forward", [&] {
+    const DfcGate<scalar_t> g =
+        dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
+                           batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, training, false);
+    gate_product(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
+    std::tie(mean, var) = packed_statistics({&g.bns[0], &g.bns[1], &g.bns[2]}, x);
+  });
+  return {as_output(out, x), mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& features,
+                       const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+                       const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
+                       at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
+                       c10::string_view upsample, bool training) {
+  const DfcSizes s = check_arguments(kBackward, x, features, conv_weight, horizontal_weight, vertical_weight,
+                                     bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
+  check_grad_out(kBackward, grad_out, x, s.channels);
+  const at::ScalarType dtype = compute_dtype(x);
+  const at::Tensor xd = dense(x, dtype), feats = dense(features, dtype), grad = dense(grad_out, dtype);
+  at::Tensor dfeatures = empty_output(feats.sizes(), feats.options());
+  at::Tensor dx = empty_output(x.sizes(), feats.options());
+  DfcGrads grads;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_backward", [&] {
+    const DfcGate<scalar_t> g =
+        dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
+                           batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, false, true);
+    at::Tensor dgate = at::empty_like(g.gate);
+    gate_product_backward(g.view(), grad.data_ptr<scalar_t>(), feats.data_ptr<scalar_t>(), g.batch,
+                          dfeatures.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>());
+    grads = dfc_gate_backward(g, dgate.data_ptr<scalar_t>(), training);
+    pool_backward<scalar_t>(grads.pooled, g.height, g.width, dx.data_ptr<scalar_t>(), false);
+  });
+  const at::ScalarType out_dtype = x.scalar_type();
+  return {dx.to(out_dtype),
+          dfeatures.to(out_dtype),
+          grads.conv_weight.view(conv_weight.sizes()).to(out_dtype),
+          grads.horizontal_weight.view(horizontal_weight.sizes()).to(out_dtype),
+          grads.vertical_weight.view(vertical_weight.sizes()).to(out_dtype),
+          packed(grads.bn_weight, x),
+          packed(grads.bn_bias, x)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ghostfused_C, CPU, m) {
+  m.impl("dfc_attention_forward", &dfc_attention_forward);
+  m.impl("dfc_attention_backward", &dfc_attention_backward);
+}
+
+}  // namespace ghostfused::cpu

@@ -1,0 +1,58 @@
+// The DFC attention branch on the CPU (pooling, 1x1 convolution, horizontal and vertical depthwise convolutions,
+// three BatchNorms, sigmoid), shared by the dfc_attention and ghost_attn kernels. All of it runs at quarter
+// resolution; only the pooling reads, and its backward writes, full-resolution data.
+#pragma once
+
+#include "common.h"
+
+namespace ghostfused::cpu {
+
+// One call's DFC gate in the compute dtype T. The pooled input and the gate are NCHW; the stages between them
+// are NHWC ([N, h * w, C]), so that the per-pixel work is vectorised over channels even for a 3x3 gate.
+template <typename T>
+struct DfcGate {
+  DfcSizes sizes;
+  int64_t batch, in_channels, height, width;
+  at::Tensor conv_weight;        // [C, Cin]
+  at::Tensor horizontal_taps;    // [K, C]: tap b of every channel contiguous
+  at::Tensor vertical_taps;      // [K, C]
+  at::Tensor pooled;             // [N, Cin, h * w]: 2x2 average pool of x
+  at::Tensor z0, z1, z2;         // [N, h * w, C]: the three convolutions (z1, z2 kept only when asked)
+  at::Tensor gate;               // [N, C, h * w]
+  std::vector<BatchNorm> bns;    // conv, horizontal, vertical: with the statistics they normalise with
+  std::vector<T> scale[3], shift[3];  // each BatchNorm folded, per channel
+
+  // The gate with its upsampling to x's resolution.
+  Gate<T> view() const {
+    return Gate<T>(gate.template data_ptr<T>(), sizes.channels, sizes.pooled_h, sizes.pooled_w, height, width,
+                   sizes.nearest);
+  }
+};
+
+// The gate of x [N, Cin, H, W] (any layout): batch statistics when batch_statistics, else the given bn mean / var.
+// keep_intermediates keeps z1 and z2 for dfc_gate_backward.
+template <typename T>
+DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+                    const at::Tensor& vertical_weight, std::vector<BatchNorm> bns, const DfcSizes& sizes,
+                    bool batch_statistics, bool keep_intermediates);
+
+// Gradients of the DFC gate, in the compute dtype.
+struct DfcGrads {
+  at::Tensor pooled;             // [N, Cin, h * w]: gradient of the pooled input
+  at::Tensor conv_weight;        // [C, Cin]
+  at::Tensor horizontal_weight;  // [C, K]
+  at::Tensor vertical_weight;    // [C, K]
+  std::vector<std::vector<double>> bn_weight, bn_bias;  // one vector per BatchNorm
+};
+
+// Backward from dgate [N, C, h * w] (the gradient of the gate) to the gate's inputs; g from dfc_gate with
+// keep_intermediates and the saved statistics.
+template <typename T>
+DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training);
+
+// dx [N, Cin, H, W] (dense NCHW) = the transposed 2x2 average pooling of pooled_grad [N, Cin, h * w], added to
+// dx when accumulate (zero in the rows / columns the pooling dropped).
+template <typename T>
+void pool_backward(const at::Tensor& pooled_grad, int64_t height, int64_t width, T* dx, bool accumulate);
+
+}  // namespace ghostfused::cpu

@@ -1,0 +1,107 @@
+// ghost_attn on the CPU: the DFC gate at quarter resolution (dfc_attention.h), then the Ghost branches'
+// fused write (ghost_concat.h) with the upsampled gate applied as each output element is written.
+#include <torch/library.h>
+
+#include "dfc_attention.h"
+#include "ghost_concat.h"
+
+namespace ghostfused::cpu {
+namespace {
+
+constexpr const char* kForward = "ghostfused_C::ghost_attn_forward";
+constexpr const char* kBackward = "ghostfused_C::ghost_attn_backward";
+
+struct Sizes {
+  GhostSizes ghost;
+  DfcSizes dfc;
+};
+
+Sizes check_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
+                      const at::Tensor& cheap_weight, const at::Tensor& conv_weight,
+                      const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
+                      at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+                      at::ArrayRef<double> bn_eps, int64_t oup, const std::string& upsample, bool training) {
+  const GhostSizes ghost = check_ghost_arguments(op, x, primary_weight, cheap_weight, oup);
+  const DfcSizes dfc = check_dfc_arguments(op, x, conv_weight, horizontal_weight, vertical_weight, oup, upsample);
+  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {ghost.init, ghost.cheap, oup, oup, oup});
+  check_training_count(op, ghost.batch * dfc.pooled_h * dfc.pooled_w, training);
+  return {ghost, dfc};
+}
+
+// The op's five BatchNorms split into the Ghost branch's two and the DFC branch's three.
+std::pair<std::vector<BatchNorm>, std::vector<BatchNorm>> split_batch_norms(std::vector<BatchNorm> bns) {
+  return {{bns[0], bns[1]}, {bns[2], bns[3], bns[4]}};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
+    const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
+    const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
+    at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training) {
+  const Sizes s = check_arguments(kForward, x, primary_weight, cheap_weight, conv_weight, horizontal_weight,
+                                  vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup,
+                                  std::string(upsample), training);
+  auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps));
+  const at::ScalarType dtype = compute_dtype(x);
+  const at::Tensor xd = dense(x, dtype);
+  const GhostSizes& gs = s.ghost;
+  at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, xd.options());
+  at::Tensor mean, var;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_attn_forward", [&] {
+    const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
+                                                   std::move(dfc_bns), s.dfc, training, false);
+    const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
+                                                           ghost_bns[1], gs, relu, training);
+    const Gate<scalar_t> gate = g.view();
+    ghost_write(b, &gate, out.data_ptr<scalar_t>());
+    std::tie(mean, var) = packed_statistics({&b.primary_bn, &b.cheap_bn, &g.bns[0], &g.bns[1], &g.bns[2]}, x);
+  });
+  return {as_output(out, x), mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight,
+                    const at::Tensor& cheap_weight, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+                    const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
+                    at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu,
+                    c10::string_view upsample, bool training) {
+  const Sizes s = check_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight, horizontal_weight,
+                                  vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup,
+                                  std::string(upsample), training);
+  check_grad_out(kBackward, grad_out, x, oup);
+  auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps));
+  const at::ScalarType dtype = compute_dtype(x);
+  const at::Tensor xd = dense(x, dtype), grad = dense(grad_out, dtype);
+  GhostGrads ghost;
+  DfcGrads dfc;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_attn_backward", [&] {
+    const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
+                                                   std::move(dfc_bns), s.dfc, false, true);
+    const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
+                                                           ghost_bns[1], s.ghost, relu, false);
+    const Gate<scalar_t> gate = g.view();
+    at::Tensor dgate = at::empty_like(g.gate);
+    ghost = ghost_backward(b, grad.data_ptr<scalar_t>(), &gate, dgate.data_ptr<scalar_t>(), training);
+    dfc = dfc_gate_backward(g, dgate.data_ptr<scalar_t>(), training);
+    pool_backward<scalar_t>(dfc.pooled, s.ghost.height, s.ghost.width, ghost.x.data_ptr<scalar_t>(), true);
+  });
+  const at::ScalarType out_dtype = x.scalar_type();
+  return {ghost.x.view(x.sizes()).to(out_dtype),
+          ghost.primary_weight.view(primary_weight.sizes()).to(out_dtype),
+          ghost.cheap_weight.view(cheap_weight.sizes()).to(out_dtype),
+          dfc.conv_weight.view(conv_weight.sizes()).to(out_dtype),
+          dfc.horizontal_weight.view(horizontal_weight.sizes()).to(out_dtype),
+          dfc.vertical_weight.view(vertical_weight.sizes()).to(out_dtype),
+          packed({ghost.primary_bn_weight, ghost.cheap_bn_weight, dfc.bn_weight[0], dfc.bn_weight[1],
+                  dfc.bn_weight[2]}, x),
+          packed({ghost.primary_bn_bias, ghost.cheap_bn_bias, dfc.bn_bias[0], dfc.bn_bias[1], dfc.bn_bias[2]}, x)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ghostfused_C, CPU, m) {
+  m.impl("ghost_attn_forward", &ghost_attn_forward);
+  m.impl("ghost_attn_backward", &ghost_attn_backward);
+}
+
+}  // namespace ghostfused::cpu

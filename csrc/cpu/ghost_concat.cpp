@@ -1,0 +1,402 @@
+// ghost_concat on the CPU: the primary 1x1 convolution as one GEMM over the batch, then fused passes per primary
+// channel plane that apply BatchNorm and the activation, run the cheap depthwise convolution of every cheap
+// channel reading that plane, and write both branches straight into their channel ranges of the output.
+#include "ghost_concat.h"
+
+#include <torch/library.h>
+
+namespace ghostfused::cpu {
+namespace {
+
+// Elements per row block of the fused write: a block's rows stay in L1 / L2 from the cheap convolution to the write.
+constexpr int64_t kBlockElements = 8192;
+
+// The number of cheap channels of primary channel c that land in the output (the others are dropped by [:oup]).
+int64_t kept_cheap_channels(const GhostSizes& s, int64_t c) {
+  return std::clamp<int64_t>(s.oup - s.init - c * s.multiplier, 0, s.multiplier);
+}
+
+// a1[q] = act(BN0(y[q])), q in [begin, end).
+template <typename T>
+void primary_values(const T* y, Affine<T> bn, bool relu, int64_t begin, int64_t end, T* a1) {
+#pragma omp simd
+  for (int64_t q = begin; q < end; ++q) a1[q] = activate(bn.scale * y[q] + bn.shift, relu);
+}
+
+// dgate's plane of gate channel c: grad (= grad_out * the ungated output, full resolution) reduced by the
+// transposed upsampling.
+template <typename T>
+void gate_grad(const Gate<T>& gate, const T* grad, int64_t n, int64_t c, T* dgate) {
+  T* plane = dgate + (n * gate.channels + c) * gate.h * gate.w;
+  std::fill(plane, plane + gate.h * gate.w, T(0));
+  gate.reduce(grad, 0, gate.H, plane);
+}
+
+// Per-thread buffers of the passes over one primary plane.
+template <typename T>
+struct Scratch {
+  ShiftedColumns<T> a1;      // act(BN0(y1)) of the plane, read by the cheap convolutions
+  std::vector<T> conv;       // depthwise_rows' accumulator for border rows
+  std::vector<T> gate;       // the gate at full resolution for the rows at hand
+  // backward
+  std::vector<T> y2;         // a cheap convolution's output
+  ShiftedColumns<T> dy;      // the gradient of a cheap convolution's output
+  std::vector<T> a1_grad, product, rotated;
+
+  Scratch(const GhostSizes& s, int64_t rows, bool backward)
+      : a1(s.height, s.width, static_cast<int>(s.dw)), conv(rows * s.width),
+        gate(std::min(s.height, rows + 2 * (s.dw / 2)) * s.width), y2(backward ? s.height * s.width : 0),
+        dy(backward ? s.height : 0, s.width, static_cast<int>(s.dw)), a1_grad(backward ? s.height * s.width : 0),
+        product(backward ? s.height * s.width : 0), rotated(s.dw * s.dw) {}
+};
+
+// a1 of primary plane (n, c) for the backward: the whole plane.
+template <typename T>
+void primary_plane(const GhostBranch<T>& g, int64_t plane, Scratch<T>& sc) {
+  const int64_t size = g.sizes.height * g.sizes.width;
+  primary_values(g.y1.template data_ptr<T>() + plane * size, g.primary_affine[plane % g.sizes.init], g.relu, 0, size,
+                 sc.a1.values());
+  sc.a1.set_rows(0, g.sizes.height);
+}
+
+template <typename T>
+std::vector<Moments> cheap_moments(const GhostBranch<T>& g) {
+  const GhostSizes& s = g.sizes;
+  const int64_t size = s.height * s.width, taps = s.dw * s.dw;
+  const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
+  std::vector<Moments> partials(s.batch * s.cheap);
+  at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc(s, s.height, true);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / s.init, c = plane % s.init;
+      primary_plane(g, plane, sc);
+      for (int64_t r = 0; r < s.multiplier; ++r) {
+        const int64_t j = c * s.multiplier + r;
+        T* y2 = sc.y2.data();
+        depthwise_rows(sc.a1, cheap_weight + j * taps, 0, s.height, sc.conv.data(),
+                       [&](int64_t q, T v) { y2[q] = v; });
+        partials[n * s.cheap + j] = moments_of(y2, size);
+      }
+    }
+  });
+  return combine_planes(partials, s.batch, s.cheap);
+}
+
+// Cheap channel j of sample n, given a1 in sc.a1: its convolution y2 into sc.y2 and the gradient of its BatchNorm's
+// output into sc.dy.values(); with a gate, grad_out times the ungated output into sc.product. Returns the BatchNorm
+// backward's sums.
+template <typename T>
+GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const T* grad_out, const Gate<T>* gate,
+                            Scratch<T>& sc) {
+  const GhostSizes& s = g.sizes;
+  const int64_t och = s.init + j, size = s.height * s.width;
+  T* y2 = sc.y2.data();
+  depthwise_rows(sc.a1, g.cheap_weight.template data_ptr<T>() + j * s.dw * s.dw, 0, s.height, sc.conv.data(),
+                 [&](int64_t q, T v) { y2[q] = v; });
+  const Affine<T> bn = g.cheap_affine[j];
+  const bool relu = g.relu;
+  const T* go = grad_out + (n * s.oup + och) * size;
+  T* dv = sc.dy.values();
+  if (gate == nullptr) {
+#pragma omp simd
+    for (int64_t q = 0; q < size; ++q) dv[q] = activation_backward(go[q], activate(bn.scale * y2[q] + bn.shift, relu), relu);
+  } else {
+    gate->values(n, och, 0, s.height, sc.gate.data());
+    const T* gv = sc.gate.data();
+    T* product = sc.product.data();
+#pragma omp simd
+    for (int64_t q = 0; q < size; ++q) {
+      const T a2 = activate(bn.scale * y2[q] + bn.shift, relu);
+      dv[q] = activation_backward(go[q] * gv[q], a2, relu);
+      product[q] = go[q] * a2;
+    }
+  }
+  const T mean = static_cast<T>(g.cheap_bn.mean[j]);
+  return {blocked_sum<T>(0, size, [&](int64_t q) { return dv[q]; }),
+          blocked_sum<T>(0, size, [&](int64_t q) { return dv[q] * (y2[q] - mean); })};
+}
+
+// The cheap BatchNorm's backward sums over the batch (training only: its coefficients depend on them).
+template <typename T>
+std::vector<GradSums> cheap_grad_sums(const GhostBranch<T>& g, const T* grad_out, const Gate<T>* gate) {
+  const GhostSizes& s = g.sizes;
+  std::vector<GradSums> partials(s.batch * s.cheap, GradSums{0, 0});
+  at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc(s, s.height, true);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / s.init, c = plane % s.init;
+      const int64_t kept = kept_cheap_channels(s, c);
+      if (kept == 0) continue;
+      primary_plane(g, plane, sc);
+      for (int64_t r = 0; r < kept; ++r) {
+        const int64_t j = c * s.multiplier + r;
+        partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, sc);
+      }
+    }
+  });
+  return combine_planes(partials, s.batch, s.cheap);
+}
+
+}  // namespace
+
+template <typename T>
+GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
+                            BatchNorm primary_bn, BatchNorm cheap_bn, const GhostSizes& sizes, bool relu,
+                            bool batch_statistics) {
+  const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
+  const GhostSizes& s = sizes;
+  GhostBranch<T> g{sizes,
+                   relu,
+                   dense(x, dtype).view({s.batch, s.in_channels, s.height * s.width}),
+                   dense(primary_weight, dtype).view({s.init, s.in_channels}),
+                   dense(cheap_weight, dtype).view({s.cheap, s.dw * s.dw}),
+                   at::Tensor(),
+                   std::move(primary_bn),
+                   std::move(cheap_bn),
+                   {},
+                   {}};
+  g.y1 = conv1x1(g.x, g.primary_weight);
+  if (batch_statistics)
+    set_batch_statistics(g.primary_bn, channel_moments(g.y1.template data_ptr<T>(), s.batch, s.init,
+                                                       s.height * s.width));
+  g.primary_affine = folded<T>(g.primary_bn);
+  if (batch_statistics) set_batch_statistics(g.cheap_bn, cheap_moments(g));
+  g.cheap_affine = folded<T>(g.cheap_bn);
+  return g;
+}
+
+template <typename T>
+void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
+  const GhostSizes& s = g.sizes;
+  const int64_t size = s.height * s.width, taps = s.dw * s.dw, pad = s.dw / 2;
+  const T* y1 = g.y1.template data_ptr<T>();
+  const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
+  const int64_t block = std::clamp<int64_t>(kBlockElements / std::max<int64_t>(s.width, 1), 1, s.height);
+  const bool relu = g.relu;
+  at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc(s, block, false);
+    T* a1 = sc.a1.values();
+    T* gv = sc.gate.data();
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / s.init, c = plane % s.init;
+      const int64_t kept = kept_cheap_channels(s, c);
+      const Affine<T> bn0 = g.primary_affine[c];
+      const T* y = y1 + plane * size;
+      int64_t ready = 0;  // rows of a1 computed (and written to the output) so far
+      for (int64_t row0 = 0; row0 < s.height; row0 += block) {
+        const int64_t row1 = std::min(s.height, row0 + block);
+        const int64_t needed = kept > 0 ? std::min(s.height, row1 + pad) : row1;
+        if (needed > ready) {  // a1 rows, written to the output (times the gate) as they are computed
+          T* o = out + (n * s.oup + c) * size;
+          const int64_t q0 = ready * s.width, q1 = needed * s.width;
+          if (gate == nullptr) {
+#pragma omp simd
+            for (int64_t q = q0; q < q1; ++q) o[q] = a1[q] = activate(bn0.scale * y[q] + bn0.shift, relu);
+          } else {
+            gate->values(n, c, ready, needed, gv);
+            const T* gq = gv - q0;
+#pragma omp simd
+            for (int64_t q = q0; q < q1; ++q) {
+              a1[q] = activate(bn0.scale * y[q] + bn0.shift, relu);
+              o[q] = a1[q] * gq[q];
+            }
+          }
+          if (kept > 0) sc.a1.set_rows(ready, needed);
+          ready = needed;
+        }
+        for (int64_t r = 0; r < kept; ++r) {  // cheap channels: convolution, BN, act, gate, one store
+          const int64_t j = c * s.multiplier + r, och = s.init + j;
+          const Affine<T> bn = g.cheap_affine[j];
+          T* o = out + (n * s.oup + och) * size;
+          if (gate == nullptr) {
+            depthwise_rows(sc.a1, cheap_weight + j * taps, row0, row1, sc.conv.data(),
+                           [&](int64_t q, T v) { o[q] = activate(bn.scale * v + bn.shift, relu); });
+          } else {
+            gate->values(n, och, row0, row1, gv);
+            const T* gq = gv - row0 * s.width;
+            depthwise_rows(sc.a1, cheap_weight + j * taps, row0, row1, sc.conv.data(),
+                           [&](int64_t q, T v) { o[q] = activate(bn.scale * v + bn.shift, relu) * gq[q]; });
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate<T>* gate, T* dgate,
+                          bool training) {
+  const GhostSizes& s = g.sizes;
+  const int64_t size = s.height * s.width, taps = s.dw * s.dw;
+  const double count = static_cast<double>(s.batch * size);
+  const std::vector<GradSums> no_sums(s.cheap, GradSums{0, 0});
+  const std::vector<BatchNormGrad<T>> cheap_coefficients = backward_coefficients<T>(
+      g.cheap_bn, training ? cheap_grad_sums(g, grad_out, gate) : no_sums, count, training);
+  const std::vector<BatchNormGrad<T>> eval_primary =
+      backward_coefficients<T>(g.primary_bn, std::vector<GradSums>(s.init, GradSums{0, 0}), count, false);
+
+  // One pass per primary plane: the cheap channels' backward (BatchNorm, weight gradient, transposed convolution
+  // into a1's gradient), then the primary channel's (gate, activation). y1_grad holds the gradient of the
+  // primary BatchNorm's output (training) or of y1 itself (eval).
+  const T* y1 = g.y1.template data_ptr<T>();
+  const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
+  at::Tensor y1_grad = at::empty_like(g.y1);
+  T* y1_grad_data = y1_grad.template data_ptr<T>();
+  std::vector<GradSums> cheap_partials(s.batch * s.cheap, GradSums{0, 0});
+  std::vector<GradSums> primary_partials(s.batch * s.init, GradSums{0, 0});
+  std::vector<double> tap_partials(s.batch * s.cheap * taps, 0.0);
+  const bool relu = g.relu;
+  at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc(s, s.height, true);
+    const T* a1 = sc.a1.values();
+    T* a1_grad = sc.a1_grad.data();
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / s.init, c = plane % s.init;
+      const int64_t kept = kept_cheap_channels(s, c);
+      const T* y = y1 + plane * size;
+      primary_plane(g, plane, sc);
+      if (kept == 0) std::fill(sc.a1_grad.begin(), sc.a1_grad.end(), T(0));
+      for (int64_t r = 0; r < kept; ++r) {
+        const int64_t j = c * s.multiplier + r;
+        cheap_partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, sc);
+        if (dgate != nullptr) gate_grad(*gate, sc.product.data(), n, s.init + j, dgate);
+        const BatchNormGrad<T> k = cheap_coefficients[j];
+        T* dy = sc.dy.values();
+        const T* y2 = sc.y2.data();
+#pragma omp simd
+        for (int64_t q = 0; q < size; ++q) dy[q] = k.a * dy[q] + k.b * y2[q] + k.c;
+        sc.dy.set_rows(0, s.height);
+        depthwise_weight_grad(sc.a1, dy, tap_partials.data() + (n * s.cheap + j) * taps);
+        rotated_taps(cheap_weight + j * taps, static_cast<int>(s.dw), sc.rotated.data());
+        if (r == 0)
+          depthwise_rows(sc.dy, sc.rotated.data(), 0, s.height, sc.conv.data(),
+                         [&](int64_t q, T v) { a1_grad[q] = v; });
+        else
+          depthwise_rows(sc.dy, sc.rotated.data(), 0, s.height, sc.conv.data(),
+                         [&](int64_t q, T v) { a1_grad[q] += v; });
+      }
+      const T* go = grad_out + (n * s.oup + c) * size;
+      T* dst = y1_grad_data + plane * size;
+      if (gate == nullptr) {
+#pragma omp simd
+        for (int64_t q = 0; q < size; ++q) dst[q] = activation_backward(go[q] + a1_grad[q], a1[q], relu);
+      } else {
+        gate->values(n, c, 0, s.height, sc.gate.data());
+        const T* gv = sc.gate.data();
+        T* product = sc.product.data();
+#pragma omp simd
+        for (int64_t q = 0; q < size; ++q) {
+          dst[q] = activation_backward(go[q] * gv[q] + a1_grad[q], a1[q], relu);
+          product[q] = go[q] * a1[q];
+        }
+        gate_grad(*gate, product, n, c, dgate);
+      }
+      const T mean = static_cast<T>(g.primary_bn.mean[c]);
+      primary_partials[plane] = {blocked_sum<T>(0, size, [&](int64_t q) { return dst[q]; }),
+                                 blocked_sum<T>(0, size, [&](int64_t q) { return dst[q] * (y[q] - mean); })};
+      if (!training) {
+        const T scale = eval_primary[c].a;
+#pragma omp simd
+        for (int64_t q = 0; q < size; ++q) dst[q] *= scale;
+      }
+    }
+  });
+
+  const std::vector<GradSums> primary_sums = combine_planes(primary_partials, s.batch, s.init);
+  if (training) {
+    const std::vector<BatchNormGrad<T>> k = backward_coefficients<T>(g.primary_bn, primary_sums, count, true);
+    at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const BatchNormGrad<T> kc = k[plane % s.init];
+        T* dst = y1_grad_data + plane * size;
+        const T* y = y1 + plane * size;
+#pragma omp simd
+        for (int64_t q = 0; q < size; ++q) dst[q] = kc.a * dst[q] + kc.b * y[q] + kc.c;
+      }
+    });
+  }
+
+  GhostGrads grads;
+  grads.x = conv1x1(y1_grad, g.primary_weight.t());
+  grads.primary_weight = conv1x1_weight_grad(y1_grad, g.x);
+  grads.cheap_weight = combine_tap_partials(tap_partials, s.batch, s.cheap, taps, g.x.options());
+  batch_norm_param_grads(g.primary_bn, primary_sums, grads.primary_bn_weight, grads.primary_bn_bias);
+  batch_norm_param_grads(g.cheap_bn, combine_planes(cheap_partials, s.batch, s.cheap), grads.cheap_bn_weight,
+                         grads.cheap_bn_bias);
+  return grads;
+}
+
+#define GHOSTFUSED_INSTANTIATE(T)                                                                               \
+  template GhostBranch<T> ghost_branch<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, BatchNorm,    \
+                                          BatchNorm, const GhostSizes&, bool, bool);                             \
+  template void ghost_write<T>(const GhostBranch<T>&, const Gate<T>*, T*);                                       \
+  template GhostGrads ghost_backward<T>(const GhostBranch<T>&, const T*, const Gate<T>*, T*, bool);
+GHOSTFUSED_INSTANTIATE(float)
+GHOSTFUSED_INSTANTIATE(double)
+#undef GHOSTFUSED_INSTANTIATE
+
+namespace {
+
+constexpr const char* kForward = "ghostfused_C::ghost_concat_forward";
+constexpr const char* kBackward = "ghostfused_C::ghost_concat_backward";
+
+GhostSizes check_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
+                           const at::Tensor& cheap_weight, at::TensorList bn_weight, at::TensorList bn_bias,
+                           at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
+                           bool training) {
+  const GhostSizes s = check_ghost_arguments(op, x, primary_weight, cheap_weight, oup);
+  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {s.init, s.cheap});
+  check_training_count(op, s.batch * s.height * s.width, training);
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
+    const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight, at::TensorList bn_weight,
+    at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
+    bool relu, bool training) {
+  const GhostSizes s = check_arguments(kForward, x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var,
+                                       bn_eps, oup, training);
+  std::vector<BatchNorm> bns = batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
+  const at::ScalarType dtype = compute_dtype(x);
+  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype));
+  at::Tensor mean, var;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
+    const GhostBranch<scalar_t> g =
+        ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training);
+    ghost_write<scalar_t>(g, nullptr, out.data_ptr<scalar_t>());
+    std::tie(mean, var) = packed_statistics({&g.primary_bn, &g.cheap_bn}, x);
+  });
+  return {as_output(out, x), mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
+    at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, bool training) {
+  const GhostSizes s = check_arguments(kBackward, x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean,
+                                       bn_var, bn_eps, oup, training);
+  check_grad_out(kBackward, grad_out, x, s.oup);
+  std::vector<BatchNorm> bns = batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
+  const at::ScalarType dtype = compute_dtype(x);
+  const at::Tensor grad = dense(grad_out, dtype);
+  GhostGrads grads;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_backward", [&] {
+    const GhostBranch<scalar_t> g =
+        ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, false);
+    grads = ghost_backward<scalar_t>(g, grad.data_ptr<scalar_t>(), nullptr, nullptr, training);
+  });
+  return {grads.x.view(x.sizes()).to(x.scalar_type()),
+          grads.primary_weight.view(primary_weight.sizes()).to(x.scalar_type()),
+          grads.cheap_weight.view(cheap_weight.sizes()).to(x.scalar_type()),
+          packed({grads.primary_bn_weight, grads.cheap_bn_weight}, x),
+          packed({grads.primary_bn_bias, grads.cheap_bn_bias}, x)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ghostfused_C, CPU, m) {
+  m.impl("ghost_concat_forward", &ghost_concat_forward);
+  m.impl("ghost_concat_backward", &ghost_concat_backward);
+}
+
+}  // namespace ghostfused::cpu

@@ -1,0 +1,49 @@
+// The Ghost module's primary and cheap branches on the CPU, shared by the ghost_concat and ghost_attn kernels.
+#pragma once
+
+#include "common.h"
+
+namespace ghostfused::cpu {
+
+// One call's primary and cheap branches, on dense NCHW data in the compute dtype T.
+template <typename T>
+struct GhostBranch {
+  GhostSizes sizes;
+  bool relu;
+  at::Tensor x;               // [N, Cin, H * W]
+  at::Tensor primary_weight;  // [init, Cin]
+  at::Tensor cheap_weight;    // [cheap, dw * dw]
+  at::Tensor y1;              // [N, init, H * W]: the primary 1x1 convolution, one GEMM over the batch
+  BatchNorm primary_bn, cheap_bn;  // with the statistics they normalise with
+  std::vector<Affine<T>> primary_affine, cheap_affine;
+};
+
+// The primary convolution y1 and the BatchNorms' statistics: the batch statistics when batch_statistics (one
+// read of y1, one of y1 recomputing the cheap convolution), else the given bn mean / var.
+template <typename T>
+GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
+                            BatchNorm primary_bn, BatchNorm cheap_bn, const GhostSizes& sizes, bool relu,
+                            bool batch_statistics);
+
+// out [N, oup, H, W] (dense NCHW) = cat(act(BN0(y1)), act(BN1(depthwise(.))))[:, :oup], times the upsampled gate
+// when one is given (gate channel c multiplies output channel c). One pass over y1, cache-blocked over rows,
+// writing each output element once.
+template <typename T>
+void ghost_write(const GhostBranch<T>& branch, const Gate<T>* gate, T* out);
+
+// Gradients of a Ghost branch, in the compute dtype.
+struct GhostGrads {
+  at::Tensor x;               // [N, Cin, H * W]
+  at::Tensor primary_weight;  // [init, Cin]
+  at::Tensor cheap_weight;    // [cheap, dw * dw]
+  std::vector<double> primary_bn_weight, primary_bn_bias, cheap_bn_weight, cheap_bn_bias;
+};
+
+// Backward of ghost_write for grad_out [N, oup, H, W] (dense NCHW). With a gate, dgate [N, oup, h * w] receives
+// the gradient of the quarter-resolution gate (every plane written). training: the statistics are the batch's
+// and the gradient flows through them.
+template <typename T>
+GhostGrads ghost_backward(const GhostBranch<T>& branch, const T* grad_out, const Gate<T>* gate, T* dgate,
+                          bool training);
+
+}  // namespace ghostfused::cpu

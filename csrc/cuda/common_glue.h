@@ -1,0 +1,64 @@
+// Torch glue shared by the CUDA ops (csrc/cuda/*_glue.cpp, compiled only with a CUDA build of torch): dtype
+// mapping, launch error checks, the current stream, BatchNorm state on the device, and the 1x1 convolutions as
+// cuBLAS GEMMs through ATen.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "../glue.h"
+#include "ghostfused/cuda_launchers.h"
+
+namespace ghostfused::cuda_glue {
+
+using cuda::DType;
+
+DType dtype_of(const at::Tensor& t);
+// The accumulation dtype of per-channel coefficients and quarter-resolution intermediates.
+at::ScalarType acc_dtype(const at::Tensor& x);
+// TORCH_CHECK that a launcher succeeded.
+void check(cudaError_t error, const char* what);
+cudaStream_t current_stream();
+
+// t detached and dense NCHW (a copy only when needed).
+at::Tensor dense(const at::Tensor& t);
+
+// A BatchNorm on the device: parameters and the statistics it normalises with (double [C]), and the folded map
+// (accumulation dtype [C]).
+struct DeviceBatchNorm {
+  at::Tensor weight, bias, mean, var;
+  double eps;
+  at::Tensor scale, shift;
+};
+
+std::vector<DeviceBatchNorm> device_batch_norms(at::TensorList bn_weight, at::TensorList bn_bias,
+                                                at::TensorList bn_mean, at::TensorList bn_var,
+                                                at::ArrayRef<double> bn_eps);
+
+// Per-channel partial sums of count values per channel: Moments (3 doubles) or GradSums (2 doubles) per chunk.
+at::Tensor moments_partials(int64_t count, int64_t channels, const at::Tensor& like);
+at::Tensor grad_sums_partials(int64_t count, int64_t channels, const at::Tensor& like);
+
+// The batch statistics from moments partials, then the folded map (batch_statistics) or the folded map alone.
+void finish_batch_norm(DeviceBatchNorm& bn, const at::Tensor* moments, int64_t count, DType dtype);
+
+// The BatchNorm backward from grad-sums partials (zeros when undefined): coefficients a, b, c (accumulation
+// dtype) and the parameter gradients (double).
+struct DeviceBatchNormGrad {
+  at::Tensor a, b, c, weight_grad, bias_grad;
+};
+DeviceBatchNormGrad batch_norm_backward(const DeviceBatchNorm& bn, const at::Tensor& partials, int64_t count,
+                                        bool training, const at::Tensor& x);
+
+// The op's packed statistics / BatchNorm gradients: the double [C] tensors concatenated, in the stats dtype of x.
+at::Tensor packed(const std::vector<at::Tensor>& values, const at::Tensor& x);
+
+// [N, out, L] = weight [out, in] @ x [N, in, L] (cuBLAS, fp32 accumulation for half types).
+at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight);
+// [out, in] = sum over n of grad[n] @ input[n]^T.
+at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input);
+// [C, taps] from per-chunk partials [chunks, C, taps] (double), summed over the chunks, in dtype.
+at::Tensor tap_grad(const at::Tensor& partials, at::ScalarType dtype);
+
+}  // namespace ghostfused::cuda_glue

@@ -1,0 +1,281 @@
+// The Ghost module's primary and cheap branches on the GPU (shared by the ghost_concat and ghost_attn glue).
+//
+// The primary 1x1 convolution y1 is a cuBLAS GEMM in the glue. Everything after it is recomputed from y1 where it
+// is needed: a1 = act(BN0(y1)) on the fly, the cheap depthwise convolution from a1 (ghostfused/depthwise.h), so
+// the forward writes the output once (with the upsampled gate, at quarter resolution, applied in that write) and
+// the backward keeps a single full-resolution intermediate per cheap channel (dy2).
+#include "ghostfused/cuda_common.cuh"
+
+namespace ghostfused::cuda {
+namespace {
+
+// The device view of GhostArgs for element type T.
+template <typename T>
+struct Ghost {
+  using Acc = acc_t<T>;
+  GhostShape s;
+  const T* y1;
+  const T* cheap_weight;
+  const Acc *scale0, *shift0, *scale1, *shift1;
+  const Acc* gate;
+  int64_t gate_h, gate_w;
+  bool nearest;
+
+  static Ghost of(const GhostArgs& a) {
+    return {a.shape,
+            static_cast<const T*>(a.y1),
+            static_cast<const T*>(a.cheap_weight),
+            static_cast<const Acc*>(a.scale0),
+            static_cast<const Acc*>(a.shift0),
+            static_cast<const Acc*>(a.scale1),
+            static_cast<const Acc*>(a.shift1),
+            static_cast<const Acc*>(a.gate.data),
+            a.gate.h,
+            a.gate.w,
+            a.gate.nearest};
+  }
+
+  // act(BN0(y1)) of primary channel c at (i, j).
+  __device__ Acc a1(int64_t n, int64_t c, int64_t i, int64_t j) const {
+    return activate(scale0[c] * to_acc(y1[((n * s.init + c) * s.height + i) * s.width + j]) + shift0[c], s.relu);
+  }
+
+  // The cheap depthwise convolution (before its BatchNorm) of cheap channel j at (i, col).
+  __device__ Acc y2(int64_t n, int64_t j, int64_t i, int64_t col) const {
+    const int64_t c = j / s.multiplier;
+    const T* taps = cheap_weight + j * s.dw * s.dw;
+    const int k = static_cast<int>(s.dw);
+    return depthwise_at<Acc>([&](int64_t r, int64_t q) { return a1(n, c, r, q); },
+                             [&](int t) { return to_acc(taps[t]); }, k, k, i, col, s.height, s.width);
+  }
+
+  // The upsampled gate of output channel oc at (i, j); 1 without a gate.
+  __device__ Acc gate_at(int64_t n, int64_t oc, int64_t i, int64_t j) const {
+    if (gate == nullptr) return Acc(1);
+    return upsampled(gate + (n * s.oup + oc) * gate_h * gate_w, gate_h, gate_w, s.height, s.width, i, j, nearest);
+  }
+
+  __device__ int64_t plane_index(int64_t n, int64_t channels, int64_t c, int64_t i, int64_t j) const {
+    return ((n * channels + c) * s.height + i) * s.width + j;
+  }
+};
+
+// out (VEC consecutive elements of a row per item) = the Ghost output times the gate.
+template <typename T, int VEC>
+struct Write {
+  using Acc = acc_t<T>;
+  Ghost<T> g;
+  T* out;
+  __device__ void operator()(int64_t item) const {
+    const GhostShape& s = g.s;
+    const int64_t per_row = s.width / VEC;
+    const int64_t j0 = (item % per_row) * VEC;
+    int64_t rest = item / per_row;
+    const int64_t i = rest % s.height;
+    rest /= s.height;
+    const int64_t oc = rest % s.oup, n = rest / s.oup;
+    Acc v[VEC];
+    if (oc < s.init) {
+      const Vec<T, VEC> y = *reinterpret_cast<const Vec<T, VEC>*>(g.y1 + g.plane_index(n, s.init, oc, i, j0));
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] = activate(g.scale0[oc] * to_acc(y.v[k]) + g.shift0[oc], s.relu);
+    } else {
+      const int64_t j = oc - s.init;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] = activate(g.scale1[j] * g.y2(n, j, i, j0 + k) + g.shift1[j], s.relu);
+    }
+    Vec<T, VEC> o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o.v[k] = from_acc<T>(v[k] * g.gate_at(n, oc, i, j0 + k));
+    *reinterpret_cast<Vec<T, VEC>*>(out + g.plane_index(n, s.oup, oc, i, j0)) = o;
+  }
+};
+
+template <typename T>
+cudaError_t write(const GhostArgs& args, void* out, cudaStream_t stream) {
+  const Ghost<T> g = Ghost<T>::of(args);
+  const GhostShape& s = args.shape;
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t rows = s.batch * s.oup * s.height;
+  if (s.width % kVec == 0) return for_each(rows * (s.width / kVec), stream, Write<T, kVec>{g, static_cast<T*>(out)});
+  return for_each(rows * s.width, stream, Write<T, 1>{g, static_cast<T*>(out)});
+}
+
+template <typename T>
+struct CheapValue {  // value(j, n, l) = y2 of cheap channel j
+  Ghost<T> g;
+  __device__ double operator()(int64_t j, int64_t n, int64_t l) const {
+    return static_cast<double>(g.y2(n, j, l / g.s.width, l % g.s.width));
+  }
+};
+
+template <typename T>
+cudaError_t cheap_moments(const GhostArgs& args, void* partials, cudaStream_t stream) {
+  const GhostShape& s = args.shape;
+  const int64_t size = s.height * s.width;
+  channel_moments_kernel<<<reduce_grid(s.batch * size, s.cheap), kBlock, 0, stream>>>(
+      CheapValue<T>{Ghost<T>::of(args)}, s.batch, size, static_cast<Moments*>(partials));
+  return launched();
+}
+
+// The cheap branch's backward at one element: the BatchNorm-output gradient dv with its sums; with `write`, also
+// dy2 = a dv + b y2 + c and the gate's product.
+template <typename T>
+struct CheapGrad {
+  using Acc = acc_t<T>;
+  Ghost<T> g;
+  const T* grad_out;
+  const double* mean;
+  const Acc *coef_a, *coef_b, *coef_c;  // null: sums only
+  Acc* dy2;
+  Acc* product;
+  __device__ void operator()(int64_t j, int64_t n, int64_t l, double& dy, double& dy_centered) const {
+    const GhostShape& s = g.s;
+    const int64_t och = s.init + j, i = l / s.width, col = l % s.width;
+    const int64_t index = (n * s.cheap + j) * s.height * s.width + l;
+    if (och >= s.oup) {  // dropped by [:oup]: no gradient
+      if (dy2 != nullptr) dy2[index] = Acc(0);
+      return;
+    }
+    const Acc y = g.y2(n, j, i, col);
+    const Acc a2 = activate(g.scale1[j] * y + g.shift1[j], s.relu);
+    const Acc go = to_acc(grad_out[g.plane_index(n, s.oup, och, i, col)]);
+    const Acc dv = activation_backward(go * g.gate_at(n, och, i, col), a2, s.relu);
+    dy = static_cast<double>(dv);
+    dy_centered = static_cast<double>(dv) * (static_cast<double>(y) - mean[j]);
+    if (dy2 != nullptr) dy2[index] = coef_a[j] * dv + coef_b[j] * y + coef_c[j];
+    if (product != nullptr) product[g.plane_index(n, s.oup, och, i, col)] = go * a2;
+  }
+};
+
+template <typename T>
+cudaError_t cheap_grad(const GhostArgs& args, const void* grad_out, const void* coef_a, const void* coef_b,
+                       const void* coef_c, const double* mean, void* dy2, void* product, void* partials,
+                       cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  const GhostShape& s = args.shape;
+  const int64_t size = s.height * s.width;
+  const CheapGrad<T> terms{Ghost<T>::of(args),
+                           static_cast<const T*>(grad_out),
+                           mean,
+                           static_cast<const Acc*>(coef_a),
+                           static_cast<const Acc*>(coef_b),
+                           static_cast<const Acc*>(coef_c),
+                           static_cast<Acc*>(dy2),
+                           static_cast<Acc*>(product)};
+  channel_grad_sums_kernel<<<reduce_grid(s.batch * size, s.cheap), kBlock, 0, stream>>>(
+      terms, s.batch, size, static_cast<GradSums*>(partials));
+  return launched();
+}
+
+template <typename T>
+struct CheapTapTerm {  // dy2 times the input of tap t
+  using Acc = acc_t<T>;
+  Ghost<T> g;
+  const Acc* dy2;
+  __device__ double operator()(int64_t j, int64_t n, int64_t l, int t) const {
+    const GhostShape& s = g.s;
+    const int64_t pad = s.dw / 2;
+    const int64_t r = l / s.width + t / s.dw - pad, q = l % s.width + t % s.dw - pad;
+    if (r < 0 || r >= s.height || q < 0 || q >= s.width) return 0.0;
+    return static_cast<double>(dy2[(n * s.cheap + j) * s.height * s.width + l]) *
+           static_cast<double>(g.a1(n, j / s.multiplier, r, q));
+  }
+};
+
+template <typename T>
+cudaError_t cheap_weight_grad(const GhostArgs& args, const void* dy2, double* partials, cudaStream_t stream) {
+  const GhostShape& s = args.shape;
+  const int64_t size = s.height * s.width;
+  channel_tap_sums_kernel<<<reduce_grid(s.batch * size, s.cheap), kBlock, 0, stream>>>(
+      CheapTapTerm<T>{Ghost<T>::of(args), static_cast<const acc_t<T>*>(dy2)}, s.batch, size,
+      static_cast<int>(s.dw * s.dw), partials);
+  return launched();
+}
+
+// The primary channel's backward at one element, with the sums of its BatchNorm backward.
+template <typename T>
+struct PrimaryGrad {
+  using Acc = acc_t<T>;
+  Ghost<T> g;
+  const T* grad_out;
+  const Acc* dy2;
+  const Acc* out_scale;
+  const double* mean;
+  T* y1_grad;
+  Acc* product;
+  __device__ void operator()(int64_t c, int64_t n, int64_t l, double& dy, double& dy_centered) const {
+    const GhostShape& s = g.s;
+    const int64_t i = l / s.width, col = l % s.width, size = s.height * s.width;
+    const int k = static_cast<int>(s.dw);
+    Acc grad = Acc(0);  // from the cheap channels reading this primary channel (dy2 is zero for dropped ones)
+    for (int64_t r = 0; r < s.multiplier; ++r) {
+      const int64_t j = c * s.multiplier + r;
+      const Acc* plane = dy2 + (n * s.cheap + j) * size;
+      const T* taps = g.cheap_weight + j * s.dw * s.dw;
+      grad += depthwise_transposed_at<Acc>([&](int64_t rr, int64_t q) { return plane[rr * s.width + q]; },
+                                           [&](int t) { return to_acc(taps[t]); }, k, k, i, col, s.height,
+                                           s.width);
+    }
+    const Acc a1 = g.a1(n, c, i, col);
+    const Acc go = to_acc(grad_out[g.plane_index(n, s.oup, c, i, col)]);
+    const Acc dv = activation_backward(go * g.gate_at(n, c, i, col) + grad, a1, s.relu);
+    const int64_t index = g.plane_index(n, s.init, c, i, col);
+    dy = static_cast<double>(dv);
+    dy_centered = static_cast<double>(dv) * (static_cast<double>(to_acc(g.y1[index])) - mean[c]);
+    y1_grad[index] = from_acc<T>(out_scale[c] * dv);
+    if (product != nullptr) product[g.plane_index(n, s.oup, c, i, col)] = go * a1;
+  }
+};
+
+template <typename T>
+cudaError_t primary_grad(const GhostArgs& args, const void* grad_out, const void* dy2, const void* out_scale,
+                         const double* mean, void* y1_grad, void* product, void* partials, cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  const GhostShape& s = args.shape;
+  const int64_t size = s.height * s.width;
+  const PrimaryGrad<T> terms{Ghost<T>::of(args),         static_cast<const T*>(grad_out),
+                             static_cast<const Acc*>(dy2), static_cast<const Acc*>(out_scale),
+                             mean,                         static_cast<T*>(y1_grad),
+                             static_cast<Acc*>(product)};
+  channel_grad_sums_kernel<<<reduce_grid(s.batch * size, s.init), kBlock, 0, stream>>>(
+      terms, s.batch, size, static_cast<GradSums*>(partials));
+  return launched();
+}
+
+}  // namespace
+
+cudaError_t launch_ghost_write(const GhostArgs& args, void* out, cudaStream_t stream) {
+  GHOSTFUSED_DISPATCH(args.dtype, write, args, out, stream);
+}
+
+cudaError_t launch_cheap_moments(const GhostArgs& args, void* partials, cudaStream_t stream) {
+  if (args.shape.cheap == 0) return launched();
+  GHOSTFUSED_DISPATCH(args.dtype, cheap_moments, args, partials, stream);
+}
+
+cudaError_t launch_cheap_grad_sums(const GhostArgs& args, const void* grad_out, const double* cheap_mean,
+                                   void* partials, cudaStream_t stream) {
+  GHOSTFUSED_DISPATCH(args.dtype, cheap_grad, args, grad_out, nullptr, nullptr, nullptr, cheap_mean, nullptr,
+                      nullptr, partials, stream);
+}
+
+cudaError_t launch_cheap_backward(const GhostArgs& args, const void* grad_out, const void* coef_a,
+                                  const void* coef_b, const void* coef_c, const double* cheap_mean, void* dy2,
+                                  void* product, void* partials, cudaStream_t stream) {
+  GHOSTFUSED_DISPATCH(args.dtype, cheap_grad, args, grad_out, coef_a, coef_b, coef_c, cheap_mean, dy2, product,
+                      partials, stream);
+}
+
+cudaError_t launch_cheap_weight_grad(const GhostArgs& args, const void* dy2, double* partials, cudaStream_t stream) {
+  GHOSTFUSED_DISPATCH(args.dtype, cheap_weight_grad, args, dy2, partials, stream);
+}
+
+cudaError_t launch_primary_backward(const GhostArgs& args, const void* grad_out, const void* dy2,
+                                    const void* out_scale, const double* primary_mean, void* y1_grad, void* product,
+                                    void* partials, cudaStream_t stream) {
+  GHOSTFUSED_DISPATCH(args.dtype, primary_grad, args, grad_out, dy2, out_scale, primary_mean, y1_grad, product,
+                      partials, stream);
+}
+
+}  // namespace ghostfused::cuda

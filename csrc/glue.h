@@ -1,0 +1,57 @@
+// Torch-side helpers shared by the CPU kernels (csrc/cpu) and the CUDA glue (csrc/cuda/*_glue.cpp): argument
+// checks with clear messages (every kernel runs them before touching data) and output allocation.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace ghostfused {
+
+// Outputs are NaN-filled when GHOSTFUSED_POISON_OUTPUTS=1 (read once per process), so that an element a kernel
+// forgets to write fails the comparison with the reference.
+bool poison_outputs();
+
+// An uninitialised (or NaN-poisoned) dense tensor for a kernel to fill.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat memory_format = at::MemoryFormat::Contiguous);
+
+// The layout every op writes for input x: channels_last when x is, contiguous otherwise
+// (ghostfused.reference.memory_format_of).
+at::MemoryFormat memory_format_of(const at::Tensor& x);
+
+// The dtype of BatchNorm statistics and their gradients: float64 for float64 inputs, float32 otherwise.
+at::ScalarType stats_dtype(const at::Tensor& x);
+
+// Sizes of a Ghost module's primary and cheap branches.
+struct GhostSizes {
+  int64_t batch, in_channels, height, width;
+  int64_t init, cheap, multiplier, oup, dw;  // cheap output channel j reads primary channel j / multiplier
+};
+
+// Sizes of a DFC attention branch.
+struct DfcSizes {
+  int64_t channels, kernel;      // C and K
+  int64_t pooled_h, pooled_w;    // the gate's resolution
+  bool nearest;                  // upsample mode
+};
+
+// Each check raises c10::Error (RuntimeError in Python) naming the op, the argument and what was expected.
+void check_input(const char* op, const at::Tensor& x, const char* name = "x");
+GhostSizes check_ghost_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
+                                 const at::Tensor& cheap_weight, int64_t oup);
+DfcSizes check_dfc_arguments(const char* op, const at::Tensor& x, const at::Tensor& conv_weight,
+                             const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
+                             int64_t channels, const std::string& upsample);
+void check_features(const char* op, const at::Tensor& features, const at::Tensor& x, int64_t channels);
+// bn_*: one [channels[i]] tensor per BatchNorm (floating point, x's device); bn_eps: positive.
+void check_batch_norms(const char* op, const at::Tensor& x, at::TensorList bn_weight, at::TensorList bn_bias,
+                       at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
+                       const std::vector<int64_t>& channels);
+// Training needs more than one value per channel (as nn.BatchNorm2d).
+void check_training_count(const char* op, int64_t count, bool training);
+// grad_out: [N, channels, H, W] like x (dtype, device).
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, int64_t channels);
+
+}  // namespace ghostfused

@@ -1,0 +1,216 @@
+// Device building blocks of the CUDA kernels (csrc/cuda/*.cu): element types and conversions, dtype dispatch,
+// launch shapes, and deterministic per-channel reductions (fixed chunks, a fixed-order tree in each block).
+// Only included by .cu files (nvcc); no torch headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "ghostfused/batch_norm.h"
+#include "ghostfused/cuda_launchers.h"
+#include "ghostfused/depthwise.h"
+#include "ghostfused/index_maps.h"
+
+namespace ghostfused::cuda {
+
+constexpr int kBlock = 256;  // threads per block (a multiple of 32)
+
+// The accumulation type: float for float32 / float16 / bfloat16, double for float64.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+// Explicit conversions (torch builds define __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__).
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// return FN<T>(args...) with T the element type of dtype.
+#define GHOSTFUSED_DISPATCH(dtype, FN, ...)      \
+  switch (dtype) {                               \
+    case DType::Float32:                         \
+      return FN<float>(__VA_ARGS__);             \
+    case DType::Float64:                         \
+      return FN<double>(__VA_ARGS__);            \
+    case DType::Float16:                         \
+      return FN<__half>(__VA_ARGS__);            \
+    case DType::BFloat16:                        \
+      return FN<__nv_bfloat16>(__VA_ARGS__);     \
+  }                                              \
+  return cudaErrorInvalidValue
+
+// VEC elements of one row, moved with one 16-byte access where the layout allows (VEC = 16 / sizeof(T), rows a
+// multiple of VEC long, tensors from the caching allocator 16-byte aligned).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+// Blocks of kBlock threads for a grid-stride loop over total items.
+inline unsigned int grid_for(int64_t total) {
+  const int64_t blocks = (total + kBlock - 1) / kBlock;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 * 4 ? 65535 * 4 : blocks));
+}
+
+// The launch's own error, or an earlier one still pending.
+inline cudaError_t launched() { return cudaGetLastError(); }
+
+// Sum of v over the block's threads in a fixed order (shuffle tree in each warp, then the warps in order); the
+// result is in thread 0.
+template <int R>
+__device__ void block_sum(double (&v)[R]) {
+  __shared__ double partial[R][kBlock / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    for (int offset = 16; offset > 0; offset /= 2) v[r] += __shfl_down_sync(0xffffffffu, v[r], offset);
+    if (lane == 0) partial[r][warp] = v[r];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      v[r] = lane < kBlock / 32 ? partial[r][lane] : 0.0;
+      for (int offset = 16; offset > 0; offset /= 2) v[r] += __shfl_down_sync(0xffffffffu, v[r], offset);
+    }
+  }
+  __syncthreads();
+}
+
+// The values of channel c of a [N, C, L] layout in chunk blockIdx.x: element e = n * L + l.
+struct ChunkRange {
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ ChunkRange chunk_range(int64_t count) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kReduceChunk;
+  return {begin, begin + kReduceChunk < count ? begin + kReduceChunk : count};
+}
+
+// partials[chunk][c] = Moments of value(c, n, l) over the chunk (grid: chunks x channels): two passes, the block
+// mean first.
+template <typename Value>
+__global__ void channel_moments_kernel(Value value, int64_t batch, int64_t size, Moments* partials) {
+  const int64_t c = blockIdx.y, channels = gridDim.y, count = batch * size;
+  const ChunkRange range = chunk_range(count);
+  __shared__ double block_mean;
+  double sum[1] = {0.0};
+  for (int64_t e = range.begin + threadIdx.x; e < range.end; e += kBlock) sum[0] += value(c, e / size, e % size);
+  block_sum(sum);
+  const double n = static_cast<double>(range.end > range.begin ? range.end - range.begin : 0);
+  if (threadIdx.x == 0) block_mean = n > 0 ? sum[0] / n : 0.0;
+  __syncthreads();
+  const double mean = block_mean;
+  double m2[1] = {0.0};
+  for (int64_t e = range.begin + threadIdx.x; e < range.end; e += kBlock) {
+    const double d = value(c, e / size, e % size) - mean;
+    m2[0] += d * d;
+  }
+  block_sum(m2);
+  if (threadIdx.x == 0) partials[blockIdx.x * channels + c] = {n, mean, m2[0]};
+}
+
+// partials[chunk][c] = GradSums of terms(c, n, l, dy, dy_centered) over the chunk (grid: chunks x channels).
+template <typename Terms>
+__global__ void channel_grad_sums_kernel(Terms terms, int64_t batch, int64_t size, GradSums* partials) {
+  const int64_t c = blockIdx.y, channels = gridDim.y;
+  const ChunkRange range = chunk_range(batch * size);
+  double sums[2] = {0.0, 0.0};
+  for (int64_t e = range.begin + threadIdx.x; e < range.end; e += kBlock) {
+    double dy = 0.0, dy_centered = 0.0;
+    terms(c, e / size, e % size, dy, dy_centered);
+    sums[0] += dy;
+    sums[1] += dy_centered;
+  }
+  block_sum(sums);
+  if (threadIdx.x == 0) partials[blockIdx.x * channels + c] = {sums[0], sums[1]};
+}
+
+// partials[chunk][c][t] = sum over the chunk of term(c, n, l, t), t < taps (grid: chunks x channels).
+template <typename Term>
+__global__ void channel_tap_sums_kernel(Term term, int64_t batch, int64_t size, int taps, double* partials) {
+  const int64_t c = blockIdx.y, channels = gridDim.y;
+  const ChunkRange range = chunk_range(batch * size);
+  for (int t = 0; t < taps; ++t) {
+    double sum[1] = {0.0};
+    for (int64_t e = range.begin + threadIdx.x; e < range.end; e += kBlock) sum[0] += term(c, e / size, e % size, t);
+    block_sum(sum);
+    if (threadIdx.x == 0) partials[(blockIdx.x * channels + c) * taps + t] = sum[0];
+  }
+}
+
+// Runs body(i) for i in [0, total) over a grid-stride loop.
+template <typename Body>
+__global__ void for_each_kernel(int64_t total, Body body) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kBlock)
+    body(i);
+}
+
+template <typename Body>
+cudaError_t for_each(int64_t total, cudaStream_t stream, Body body) {
+  if (total <= 0) return launched();
+  for_each_kernel<<<grid_for(total), kBlock, 0, stream>>>(total, body);
+  return launched();
+}
+
+// A grid of (chunks, channels) blocks for the per-channel reductions over count values per channel.
+inline dim3 reduce_grid(int64_t count, int64_t channels) {
+  return dim3(static_cast<unsigned int>(reduce_chunks(count)), static_cast<unsigned int>(channels));
+}
+
+// The upsampled gate at full-resolution (i, j) of one [h, w] gate plane (Acc), ghostfused/index_maps.h.
+template <typename Acc>
+__device__ __forceinline__ Acc upsampled(const Acc* plane, int64_t h, int64_t w, int64_t H, int64_t W, int64_t i,
+                                         int64_t j, bool nearest) {
+  if (nearest) return plane[nearest_source_index(i, h, H) * w + nearest_source_index(j, w, W)];
+  const BilinearTap<Acc> r = bilinear_tap<Acc>(i, h, H), c = bilinear_tap<Acc>(j, w, W);
+  return r.w0 * (c.w0 * plane[r.i0 * w + c.i0] + c.w1 * plane[r.i0 * w + c.i1]) +
+         r.w1 * (c.w0 * plane[r.i1 * w + c.i0] + c.w1 * plane[r.i1 * w + c.i1]);
+}
+
+// The weight with which full-resolution index i contributes to source index s of the upsampling (0 if none).
+template <typename Acc>
+__device__ __forceinline__ Acc upsample_weight(int64_t i, int64_t s, int64_t in_size, int64_t out_size,
+                                               bool nearest) {
+  if (nearest) return nearest_source_index(i, in_size, out_size) == s ? Acc(1) : Acc(0);
+  const BilinearTap<Acc> t = bilinear_tap<Acc>(i, in_size, out_size);
+  return (t.i0 == s ? t.w0 : Acc(0)) + (t.i1 == s ? t.w1 : Acc(0));
+}
+
+// The full-resolution indices [lo, hi) that may read source index s (exact for nearest, a superset for bilinear).
+__device__ __forceinline__ TapRange upsample_readers(int64_t s, int64_t in_size, int64_t out_size, bool nearest) {
+  // nearest: i * in / out == s  <=>  s * out <= i * in < (s + 1) * out.
+  int64_t lo = (s * out_size + in_size - 1) / in_size, hi = ((s + 1) * out_size + in_size - 1) / in_size;
+  if (!nearest) {  // bilinear: src = (i + 0.5) * in / out - 0.5 within (s - 1, s + 1)
+    lo = (s - 1) * out_size / in_size - 1;
+    hi = (s + 2) * out_size / in_size + 2;
+  }
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > out_size ? out_size : hi;
+  return {static_cast<int>(lo), static_cast<int>(hi > lo ? hi : lo)};
+}
+
+}  // namespace ghostfused::cuda

@@ -456,16 +456,22 @@ def _raw_entries(device: str) -> list[tuple[str, str]]:
     return entries
 
 
-def _raw_ids(device: str) -> list[str]:
-    ids = []
+def _raw_cases(device: str):
+    """Every raw case on ``device``: (case id, namespace, backend to call, op, direction, change, grad_change)."""
     for namespace, backend in _raw_entries(device):
         for op in OPS:
-            ids += [f"{namespace}-{backend}-{op}-forward-{name}" for name, *_, op_names in RAW_CASES
-                    if op in op_names]
-            ids += [f"{namespace}-{backend}-{op}-backward-{name}" for name, *_ in GRAD_CASES]
+            cases = [(f"forward-{name}", "forward", change, None) for name, change, _, op_names in RAW_CASES
+                     if op in op_names]
+            cases += [(f"backward-{name}", "backward", None, grad_change) for name, grad_change, _ in GRAD_CASES]
             if namespace == "ghostfused":
-                ids.append(f"{namespace}-{backend}-{op}-forward-unknown-backend")
-    return ids
+                cases.append(("forward-unknown-backend", "forward", None, None))
+            for name, direction, change, grad_change in cases:
+                run_backend = "gpu" if name == "forward-unknown-backend" else backend
+                yield f"{namespace}-{backend}-{op}-{name}", namespace, run_backend, op, direction, change, grad_change
+
+
+def _raw_ids(device: str) -> list[str]:
+    return [case[0] for case in _raw_cases(device)]
 
 
 def _call_raw(namespace: str, backend: str, op: str, direction: str, args: list, grad_out=None):
@@ -525,23 +531,17 @@ def _run_raw_case(namespace, backend, op, direction, change, grad_change, device
     return "returned", "; ".join(problems)
 
 
-def child_main(device: str) -> None:
-    """Entry point of the child process: runs every raw case on ``device``, one JSON line per case, announcing each
-    case on stderr first so that the parent can name the case a crash happened in."""
+def child_main(device: str, after: str | None = None) -> None:
+    """Entry point of the child process: runs the raw cases on ``device`` (those after case ``after``, when given),
+    one JSON line each on stdout, announcing each case on stderr first so that the parent can name the case a crash
+    happened in."""
     torch.manual_seed(0)
-    for namespace, backend in _raw_entries(device):
-        for op in OPS:
-            cases = [(f"forward-{name}", "forward", change, None) for name, change, _, op_names in RAW_CASES
-                     if op in op_names]
-            cases += [(f"backward-{name}", "backward", None, grad_change) for name, grad_change, _ in GRAD_CASES]
-            if namespace == "ghostfused":
-                cases.append(("forward-unknown-backend", "forward", None, None))
-            for name, direction, change, grad_change in cases:
-                case_id = f"{namespace}-{backend}-{op}-{name}"
-                print(f"start {case_id}", file=sys.stderr, flush=True)
-                run_backend = "gpu" if name == "forward-unknown-backend" else backend
-                outcome, detail = _run_raw_case(namespace, run_backend, op, direction, change, grad_change, device)
-                print(json.dumps({"case": case_id, "outcome": outcome, "detail": detail}), flush=True)
+    cases = list(_raw_cases(device))
+    start = [case[0] for case in cases].index(after) + 1 if after else 0
+    for case_id, *call in cases[start:]:
+        print(f"start {case_id}", file=sys.stderr, flush=True)
+        outcome, detail = _run_raw_case(*call, device)
+        print(json.dumps({"case": case_id, "outcome": outcome, "detail": detail}), flush=True)
 
 
 def _expectation(case_id: str):
@@ -558,16 +558,25 @@ _child_results = {}
 
 
 def _results(device: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """The records of every raw case on ``device`` and the last child process. A child that dies in a case (a crash)
+    records that case as crashed and a new child goes on with the next one."""
     if device not in _child_results:
-        code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                f"import test_bad_input_matrix as t; t.child_main({device!r})")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ))
-        results = {}
-        for line in proc.stdout.splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                results[record["case"]] = record
+        results, after = {}, None
+        while True:
+            code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+                    f"import test_bad_input_matrix as t; t.child_main({device!r}, {after!r})")
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                                  env=dict(os.environ))
+            for line in proc.stdout.splitlines():
+                if line.startswith("{"):
+                    record = json.loads(line)
+                    results[record["case"]] = record
+            started = [line[len("start "):] for line in proc.stderr.splitlines() if line.startswith("start ")]
+            if proc.returncode == 0 or not started or started[-1] in results:
+                break  # done, or died outside any case (the missing cases then fail with its stderr)
+            after = started[-1]
+            results[after] = {"case": after, "outcome": "crashed",
+                              "detail": f"exit status {proc.returncode}; stderr tail:\n{proc.stderr[-3000:]}"}
         _child_results[device] = (results, proc)
     return _child_results[device]
 
@@ -579,6 +588,8 @@ def _check_raw(device: str, case_id: str) -> None:
         pytest.fail(f"the child process ended (exit status {proc.returncode}) before finishing this case; last case "
                     f"started: {started[-1] if started else None}\nstderr tail:\n{proc.stderr[-3000:]}")
     record = results[case_id]
+    if record["outcome"] == "crashed":
+        pytest.fail(f"{case_id} crashed the process: {record['detail']}")
     pattern = _expectation(case_id)
     if "ghostfused_C" in case_id and "meta" in case_id:
         # A call that mixes meta and real tensors goes to the dispatcher's Meta key, where the extension registers

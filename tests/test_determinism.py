@@ -108,6 +108,7 @@ def test_two_runs_are_bitwise_equal_on_cpu(backend, config, deterministic):
 
 def child_main() -> None:
     """Child process of the GPU test: every CUDA backend and configuration, one JSON line each."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # eager as the float32 truth
     for backend, device in backend_devices():
         if device != "cuda":
             continue

@@ -2,7 +2,7 @@
 
 A CUDAExtension when torch is a CUDA build and nvcc is found, a CppExtension otherwise;
 GHOSTFUSED_BUILD_CUDA=0/1 forces either. TORCH_CUDA_ARCH_LIST is honoured by torch's build helpers.
-The CPU kernels target x86-64-v3 (AVX2, FMA) on x86-64; GHOSTFUSED_CPU_ARCH overrides the -march value
+The CPU kernels target x86-64-v3 (AVX2, FMA) on x86-64 CPUs that have it; GHOSTFUSED_CPU_ARCH overrides the -march value
 ("native", "x86-64-v4", ...; empty for the compiler's default).
 """
 
@@ -27,8 +27,18 @@ def build_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
 
 
+def host_has_avx2_fma() -> bool:
+    # The extension is always built on the machine that runs it; never emit AVX2 for a CPU without it.
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
 def cpu_arch_flags() -> list[str]:
-    default = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else ""
+    default = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") and host_has_avx2_fma() else ""
     arch = os.environ.get("GHOSTFUSED_CPU_ARCH", default)
     return [f"-march={arch}"] if arch else []
 

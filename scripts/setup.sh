@@ -33,7 +33,7 @@ fi
 mkdir -p build
 ext_stamp=build/.ghostfused-extension
 ext_hash=$( (find csrc -type f | sort | xargs cat; cat setup.py; echo "$py"; "$py" -c 'import torch; print(torch.__version__)'; \
-  echo "${GHOSTFUSED_BUILD_CUDA:-}${TORCH_CUDA_ARCH_LIST:-}") | sha256sum | cut -d' ' -f1)
+  echo "${GHOSTFUSED_BUILD_CUDA:-}|${TORCH_CUDA_ARCH_LIST:-}|${GHOSTFUSED_CPU_ARCH:-}") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$ext_stamp" 2>/dev/null)" != "$ext_hash" ] || ! "$py" -c "import ghostfused._C" 2>/dev/null; then
   log "building the C++ extension ghostfused._C (about a minute)"
   MAX_JOBS=${MAX_JOBS:-$(nproc)} "$py" -m pip install -q --disable-pip-version-check --no-build-isolation \

@@ -119,22 +119,6 @@ def _with_non_finite(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# Known backend bugs these tests found, as (backend, mode, training, computes in float32): strict xfails, so that the
-# fix turns them into failures (XPASS) that remove the entry.
-KNOWN_BUGS = {
-    ("cpu", "attn", False, True): (
-        "cpu backend: sigmoid_simd (csrc/cpu/common.h) clamps exp's argument to [-87.3, 88], so the gate of a "
-        "pre-activation below -88.7 (-Inf included) is 1.2e-38 where eager's is 0, and an Inf feature times it gives "
-        "Inf where eager gives NaN (float32 and float16; float64 uses std::exp and agrees)"),
-}
-
-
-def _mark_known_bug(request, backend, mode, training, dtype) -> None:
-    reason = KNOWN_BUGS.get((backend, mode, training, dtype != torch.float64))
-    if reason is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def check_non_finite(backend, device, mode, dtype, training, upsample):
     torch.manual_seed(0)
     module = _module(mode, dtype, training, device, upsample)
@@ -158,8 +142,7 @@ MODE_UPSAMPLE = [("original", "nearest"), ("attn", "nearest"), ("attn", "bilinea
 @pytest.mark.parametrize("mode, upsample", MODE_UPSAMPLE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_nan_and_inf_propagate_as_eager(request, backend, mode, upsample, dtype, training):
-    _mark_known_bug(request, backend, mode, training, dtype)
+def test_nan_and_inf_propagate_as_eager(backend, mode, upsample, dtype, training):
     check_non_finite(backend, "cpu", mode, dtype, training, upsample)
 
 
@@ -168,8 +151,7 @@ def test_nan_and_inf_propagate_as_eager(request, backend, mode, upsample, dtype,
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("mode, upsample", MODE_UPSAMPLE)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_nan_and_inf_propagate_as_eager_on_gpu(request, backend, mode, upsample, training):
-    _mark_known_bug(request, backend, mode, training, torch.float32)
+def test_nan_and_inf_propagate_as_eager_on_gpu(backend, mode, upsample, training):
     check_non_finite(backend, "cuda", mode, torch.float32, training, upsample)
 
 
@@ -224,9 +206,7 @@ def check_half(backend, device, mode, training, case):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", ["near-overflow", "infinities"])
-def test_float16_as_eager(request, backend, mode, training, case):
-    if case == "infinities":
-        _mark_known_bug(request, backend, mode, training, torch.float16)
+def test_float16_as_eager(backend, mode, training, case):
     check_half(backend, "cpu", mode, training, case)
 
 
@@ -236,7 +216,5 @@ def test_float16_as_eager(request, backend, mode, training, case):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", ["near-overflow", "infinities"])
-def test_float16_as_eager_on_gpu(request, backend, mode, training, case):
-    if case == "infinities":
-        _mark_known_bug(request, backend, mode, training, torch.float16)
+def test_float16_as_eager_on_gpu(backend, mode, training, case):
     check_half(backend, "cuda", mode, training, case)

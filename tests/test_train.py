@@ -21,6 +21,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # weights differ by 1e-7 (relative) give losses 1e-3 apart within 5 to 10 steps (measured: ReLU masks flip and the
 # small BatchNorm batches amplify it), so a float32 trajectory cannot stay within 1e-4 of another for 20 steps, even
 # eager against itself. Hence: the free-running 20 steps in float64, and every float32 step from eager's weights.
+# Even float64 rounding differences (another summation order) grow to about 1e-5 in some running means after 20
+# steps, so the free-running buffers are compared at 1e-3 relative / 1e-4 absolute: still far below what a wrong
+# update rule (momentum, biased variance) gives, which the per-step float32 comparison checks tightly.
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,14 +85,14 @@ def assert_buffers_close(actual: dict, expected: dict, what: str, rtol: float, a
 def assert_same_training(backend: str, device: str):
     """The fused model trains as eager does: 20 free-running SGD steps (momentum 0.9) in float64 from the same
     weights and batches give the same losses (1e-4 relative) and running statistics; and each float32 step taken
-    from eager's weights gives eager's loss (1e-4 relative), gradient (1e-3 relative norm) and running
+    from eager's weights gives eager's loss (1e-4 relative), gradient (5e-3 relative norm) and running
     statistics."""
     expected_losses, expected_buffers = eager_free_running(device)
     fused = ghostfused.convert(initial_model(device, torch.float64), backend=backend)
     losses = free_running_losses(fused, device, torch.float64)
     for step, (actual, expected) in enumerate(zip(losses, expected_losses)):
         assert abs(actual - expected) <= 1e-4 * abs(expected), f"float64 step {step}: {actual} vs eager {expected}"
-    assert_buffers_close(dict(fused.named_buffers()), expected_buffers, "float64 after 20 steps", 1e-4, 1e-6)
+    assert_buffers_close(dict(fused.named_buffers()), expected_buffers, "float64 after 20 steps", 1e-3, 1e-4)
 
     fused = ghostfused.convert(initial_model(device, torch.float32), backend=backend)
     for step, ((state, expected_loss, expected_grad, expected_buffers), (images, targets)) in enumerate(
@@ -98,7 +101,9 @@ def assert_same_training(backend: str, device: str):
         loss, grad = sgd_step(fused, device, images, targets)
         assert abs(loss - expected_loss) <= 1e-4 * abs(expected_loss), f"float32 step {step}: {loss} vs {expected_loss}"
         error = ((grad - expected_grad).norm() / expected_grad.norm()).item()
-        assert error <= 1e-3, f"float32 step {step}: gradient differs from eager's by {error:.2e} (relative norm)"
+        # A ReLU input within rounding of zero flips its mask in one implementation and not the other: eager's own
+        # float32 gradient departs from its float64 one by 1.1e-3 at one step of this run. A wrong formula is O(1).
+        assert error <= 5e-3, f"float32 step {step}: gradient differs from eager's by {error:.2e} (relative norm)"
         assert_buffers_close(dict(fused.named_buffers()), expected_buffers, f"float32 step {step}", 1e-4, 1e-5)
 
 

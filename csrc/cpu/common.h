@@ -14,6 +14,7 @@
 
 #include <bit>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../glue.h"
@@ -86,14 +87,15 @@ std::vector<GradSums> combine_planes(const std::vector<GradSums>& partials, int6
 at::Tensor combine_tap_partials(const std::vector<double>& partials, int64_t batch, int64_t channels, int64_t taps,
                                 const at::TensorOptions& options);
 
-// exp(v), vectorisable: for float a Cephes-style range reduction and degree-6 polynomial (about 1 ulp, inputs
-// clamped to [-87.3, 88]: the result saturates where exp would underflow or overflow, NaN propagates); for double
-// the library exp.
+// exp(v), vectorisable: for float a Cephes-style range reduction and degree-6 polynomial (about 1 ulp) on the
+// input clamped to [-87.3, 88]; outside that range the result is +Inf above exp's overflow and 0 below -87.3, as
+// std::exp gives (less its denormals), so that sigmoid saturates to exactly 0 and 1 like PyTorch's; NaN
+// propagates. For double the library exp.
 inline float exp_simd(float v) {
-  v = v > 88.0f ? 88.0f : v;
-  v = v < -87.3f ? -87.3f : v;
-  const float n = std::floor(v * 1.44269504088896341f + 0.5f);
-  const float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+  float c = v > 88.0f ? 88.0f : v;
+  c = c < -87.3f ? -87.3f : c;
+  const float n = std::floor(c * 1.44269504088896341f + 0.5f);
+  const float r = c - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -101,7 +103,9 @@ inline float exp_simd(float v) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const float e = p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  constexpr float overflow = 88.72283935546875f;  // logf(FLT_MAX)
+  return v > overflow ? std::numeric_limits<float>::infinity() : (v < -87.3f ? 0.0f : e);
 }
 
 inline double exp_simd(double v) { return std::exp(v); }

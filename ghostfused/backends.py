@@ -154,12 +154,13 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve(name: str, device: torch.device) -> str:
     """The concrete backend that runs for tensors on ``device`` when ``name`` is asked for."""
-    return _resolve(_default if name == "auto" else name, device.type)
+    name = _default if name == "auto" else name
+    if torch.compiler.is_compiling():
+        return _resolve_constant(name, device.type)
+    return _resolve(name, device.type)
 
 
-@torch.compiler.assume_constant_result
 def _resolve(name: str, device_type: str) -> str:
-    # Availability does not change within a process, so torch.compile may treat the answer as a constant.
     if check_name(name) == "auto":
         for candidate in AUTO_ORDER.get(device_type, ()):
             if unavailable_reason(candidate) is None:
@@ -169,6 +170,11 @@ def _resolve(name: str, device_type: str) -> str:
     if not supports_device(name, torch.device(device_type)):
         raise ValueError(f"backend {name!r} cannot run on {device_type} tensors")
     return name
+
+
+# Availability does not change within a process, so torch.compile may treat the answer as a constant (outside
+# compilation the wrapper would only cost time).
+_resolve_constant = torch.compiler.assume_constant_result(_resolve)
 
 
 @functools.cache

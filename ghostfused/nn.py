@@ -118,8 +118,12 @@ class GhostModuleV2(reference.GhostModuleV2):
     def forward(self, x: Tensor) -> Tensor:
         if self.fallback_reason is not None:
             return super().forward(x)
-        (primary, primary_bn, primary_act), (cheap, cheap_bn, _) = self.primary_conv, self.cheap_operation
-        bns = [primary_bn, cheap_bn] + (list(self.short_conv[1::2]) if self.mode == "attn" else [])
+        # Layers through the containers' dicts: Sequential indexing and slicing cost more than a small kernel.
+        modules = self._modules
+        primary, primary_bn, primary_act = modules["primary_conv"]._modules.values()
+        cheap, cheap_bn, _ = modules["cheap_operation"]._modules.values()
+        short = tuple(modules["short_conv"]._modules.values()) if self.mode == "attn" else ()
+        bns = (primary_bn, cheap_bn, *short[1::2])
         if any(sync_process_group(bn) is not None for bn in bns):
             return self._forward_synchronised(x)
         training = primary_bn.training
@@ -129,7 +133,6 @@ class GhostModuleV2(reference.GhostModuleV2):
         if self.mode == "original":
             return ops.ghost_concat(x, primary.weight, primary_bn, cheap.weight, cheap_bn, self.oup, relu=relu,
                                     training=training, backend=self.backend)
-        short = self.short_conv
         return ops.ghost_attn(x, primary.weight, primary_bn, cheap.weight, cheap_bn, short[0].weight, short[1],
                               short[2].weight, short[3], short[4].weight, short[5], self.oup, relu=relu,
                               upsample=self.upsample, training=training, backend=self.backend)

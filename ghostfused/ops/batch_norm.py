@@ -27,8 +27,9 @@ class BatchNorm(NamedTuple):
     @classmethod
     def of(cls, module: nn.BatchNorm2d) -> "BatchNorm":
         """The state of ``module``, sharing its tensors (updates land in the module's buffers)."""
-        return cls(module.weight, module.bias, module.running_mean, module.running_var, module.num_batches_tracked,
-                   module.momentum, module.eps)
+        parameters, buffers = module._parameters, module._buffers  # direct: nn.Module.__getattr__ is slow
+        return cls(parameters["weight"], parameters["bias"], buffers["running_mean"], buffers["running_var"],
+                   buffers["num_batches_tracked"], module.momentum, module.eps)
 
 
 def is_fusable(module: nn.Module) -> bool:

@@ -63,18 +63,23 @@ def check_batch_norms(x: Tensor, channels: Sequence[int], bn_weight, bn_bias, bn
             got = f"{len(values)} entries" if isinstance(values, (list, tuple)) else type(values).__name__
             raise ValueError(f"{list_name} must be a list of {len(channels)} entries (one per BatchNorm), got {got}")
         for i, (value, count) in enumerate(zip(values, channels)):
-            full = f"{names[i]}.{field}" if names else f"{list_name}[{i}]"
             if field == "eps":
                 if not value > 0:
-                    raise ValueError(f"{full} must be positive, got {value}")
+                    raise ValueError(f"{_bn_name(names, list_name, field, i)} must be positive, got {value}")
                 continue
-            check_tensor(value, full)
-            _check_device(value, full, x)
-            if value.dtype not in allowed:
-                raise TypeError(f"{full} must be {' or '.join(map(str, allowed))} for x of {x.dtype}, "
-                                f"got {value.dtype}")
-            if tuple(value.shape) != (count,):
+            if not (isinstance(value, Tensor) and value.device == x.device and value.dtype in allowed
+                    and value.shape == (count,)):  # the common case in one test; the messages below name the fault
+                full = _bn_name(names, list_name, field, i)
+                check_tensor(value, full)
+                _check_device(value, full, x)
+                if value.dtype not in allowed:
+                    raise TypeError(f"{full} must be {' or '.join(map(str, allowed))} for x of {x.dtype}, "
+                                    f"got {value.dtype}")
                 raise ValueError(f"{full} must have shape ({count},), got {tuple(value.shape)}")
+
+
+def _bn_name(names: Sequence[str] | None, list_name: str, field: str, i: int) -> str:
+    return f"{names[i]}.{field}" if names else f"{list_name}[{i}]"
 
 
 def check_momentum(bn: BatchNorm, name: str) -> None:

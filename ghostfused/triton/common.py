@@ -206,8 +206,8 @@ def _store_segment(total, rows, row_ok, start, end, dest):
 
 @triton.jit
 def _sum_partials_kernel(part, ROWS, T_MAX, SPLIT, TILES_A, TILES_B, d0, e0, d1, e1, d2, e2, d3, e3, d4, e4, d5, e5,
-                         BR: tl.constexpr, BT: tl.constexpr):
-    """Row sums, rows [e_{k-1}, e_k) stored (cast) into d_k from its start."""
+                         SEGMENTS: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr):
+    """Row sums, rows [e_{k-1}, e_k) stored (cast) into d_k from its start, for the first SEGMENTS k."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < ROWS
     tiles = tl.where(rows < SPLIT, TILES_A, TILES_B)
@@ -217,11 +217,16 @@ def _sum_partials_kernel(part, ROWS, T_MAX, SPLIT, TILES_A, TILES_B, d0, e0, d1,
         ok = row_ok[:, None] & (t[None, :] < tiles[:, None])
         total += tl.sum(tl.load(part + rows[:, None].to(tl.int64) * T_MAX + t[None, :], mask=ok, other=0.0), axis=1)
     _store_segment(total, rows, row_ok, 0, e0, d0)
-    _store_segment(total, rows, row_ok, e0, e1, d1)
-    _store_segment(total, rows, row_ok, e1, e2, d2)
-    _store_segment(total, rows, row_ok, e2, e3, d3)
-    _store_segment(total, rows, row_ok, e3, e4, d4)
-    _store_segment(total, rows, row_ok, e4, e5, d5)
+    if SEGMENTS > 1:
+        _store_segment(total, rows, row_ok, e0, e1, d1)
+    if SEGMENTS > 2:
+        _store_segment(total, rows, row_ok, e1, e2, d2)
+    if SEGMENTS > 3:
+        _store_segment(total, rows, row_ok, e2, e3, d3)
+    if SEGMENTS > 4:
+        _store_segment(total, rows, row_ok, e3, e4, d4)
+    if SEGMENTS > 5:
+        _store_segment(total, rows, row_ok, e4, e5, d5)
 
 
 MAX_SEGMENTS = 6
@@ -262,7 +267,8 @@ class Partials:
             args += [d, end]
         args += [self.buffer, end] * (MAX_SEGMENTS - len(destinations))
         _sum_partials_kernel[self._grid()](self.buffer, self.rows, self.t_max, self.split, self.tiles_a,
-                                           self.tiles_b, *args, BR=_BR, BT=_reduce_tiles(self.t_max))
+                                           self.tiles_b, *args, SEGMENTS=len(destinations), BR=_BR,
+                                           BT=_reduce_tiles(self.t_max))
 
 
 _BR = 32 if INTERPRETED else 16
@@ -273,22 +279,16 @@ def _reduce_tiles(t_max: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Upsampling tables. Each full-resolution row (column) i has an owner gate row: PyTorch's source index i0 (bilinear)
-# or nearest source row. Owners are non-decreasing, so each gate row owns a contiguous run of full-resolution rows,
-# its "children", starting at first[r]; lam[i] is the bilinear weight of gate row owner + 1 (0 when there is none).
+# Upsampling tables. Each full-resolution row i has an owner gate row: PyTorch's nearest source row, or its bilinear
+# source index i0 (lam[i] is then the weight of row i0 + 1, 0 at the last row). Owners are non-decreasing, so each
+# gate pixel ("cell") owns a rectangle of full-resolution pixels, its children; the cell kernels walk the output
+# cell by cell, so that the gate is computed once per cell and its gradient is a sum over the cell's children.
 
 
-class AxisTable:
-    """Owner, first-child and bilinear-weight tables of one axis, and the largest number of children."""
-
-    def __init__(self, owner: torch.Tensor, first: torch.Tensor, lam: torch.Tensor, children: int):
-        self.owner, self.first, self.lam, self.children = owner, first, lam, children
-
-
-@functools.lru_cache(maxsize=512)
-def axis_table(size_out: int, size_in: int, mode: str, dtype: torch.dtype, device: torch.device) -> AxisTable:
-    """Table for upsampling ``size_in`` gate rows to ``size_out`` rows: mode 'nearest' ((i * size_in) // size_out),
-    'bilinear' (align_corners=False, PyTorch's arithmetic in ``acc_dtype(dtype)``) or 'identity' (one child each)."""
+def _axis(size_out: int, size_in: int, mode: str, dtype: torch.dtype):
+    """Owner and bilinear weight of each of ``size_out`` rows upsampled from ``size_in``: 'nearest' is
+    ``(i * size_in) // size_out``, 'bilinear' is PyTorch's align_corners=False arithmetic in ``acc_dtype(dtype)``,
+    'identity' gives every row its own cell."""
     index = torch.arange(size_out, dtype=torch.int64)
     lam = torch.zeros(size_out, dtype=acc_dtype(dtype))
     if mode == "identity":
@@ -302,7 +302,36 @@ def axis_table(size_out: int, size_in: int, mode: str, dtype: torch.dtype, devic
         lam = torch.where(owner < size_in - 1, torch.clamp(source - owner.to(source.dtype), 0, 1), 0)
     else:
         raise ValueError(f"unknown upsampling mode {mode!r}")
-    counts = torch.bincount(owner, minlength=size_in)
-    first = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    return AxisTable(owner.to(torch.int32).to(device), first.to(torch.int32).to(device), lam.to(device),
-                     int(counts.max()))
+    return owner, lam
+
+
+class Upsampling:
+    """Tables of one upsampling from an ``h x w`` gate to ``H x W`` on ``device``:
+
+    * ``owner_r`` [H], ``owner_c`` [W] (int32) and ``lam_r`` [H], ``lam_c`` [W] (accumulation dtype);
+    * ``children`` [h * w * ch] (int32): the pixel index ``i * W + j`` of each cell's children, -1 for padding,
+      with ``ch`` (a power of two) slots per cell, row-major within the cell, ``cc`` slots per row.
+    """
+
+    def __init__(self, H: int, W: int, h: int, w: int, mode: str, dtype: torch.dtype, device: torch.device):
+        owner_r, self.lam_r = _axis(H, h, mode, dtype)
+        owner_c, self.lam_c = _axis(W, w, mode, dtype)
+        counts_r, counts_c = torch.bincount(owner_r, minlength=h), torch.bincount(owner_c, minlength=w)
+        cr, self.cc = triton.next_power_of_2(int(counts_r.max())), triton.next_power_of_2(int(counts_c.max()))
+        self.ch = cr * self.cc
+        first_r = torch.cumsum(counts_r, 0) - counts_r
+        first_c = torch.cumsum(counts_c, 0) - counts_c
+        i = first_r[:, None] + torch.arange(cr)  # [h, cr]
+        j = first_c[:, None] + torch.arange(self.cc)  # [w, cc]
+        valid = ((i < (first_r + counts_r)[:, None])[:, None, :, None]
+                 & (j < (first_c + counts_c)[:, None])[None, :, None, :])
+        pixel = torch.where(valid, i[:, None, :, None] * W + j[None, :, None, :], -1)
+        self.children = pixel.reshape(-1).to(torch.int32).to(device)
+        self.owner_r, self.owner_c = owner_r.to(torch.int32).to(device), owner_c.to(torch.int32).to(device)
+        self.lam_r, self.lam_c = self.lam_r.to(device), self.lam_c.to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def upsampling(H: int, W: int, h: int, w: int, mode: str, dtype: torch.dtype, device: torch.device) -> Upsampling:
+    """The cached :class:`Upsampling` tables (mode 'nearest', 'bilinear' or 'identity' with h, w = H, W)."""
+    return Upsampling(H, W, h, w, mode, acc_dtype(dtype), device)

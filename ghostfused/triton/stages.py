@@ -43,9 +43,9 @@ import triton.language as tl
 
 from .. import backends
 from ..reference import memory_format_of
-from .common import (INTERPRETED, Partials, acc_dtype, autotune, axis_table, bn_grad_terms, bn_params,
+from .common import (INTERPRETED, Partials, acc_dtype, autotune, bn_grad_terms, bn_params,
                      device_function, mm, offset, pixel_block, reduction_block, relu, relu_grad, scratch,
-                     store_moments, store_sums, tap_block, tl_acc)
+                     store_moments, store_sums, tap_block, tl_acc, upsampling)
 
 
 class BatchNormArgs(NamedTuple):
@@ -116,22 +116,15 @@ def _pixel_tile(t, N, H, W, BP: tl.constexpr):
 
 
 @device_function
-def _cell_tile(t, N, CELLS_H, CELLS_W, first_r, first_c, CH: tl.constexpr, CC: tl.constexpr, BQ: tl.constexpr):
-    """Tile t of BQ cells, (n, r, s, valid) [1, BQ], and their CH children (CC per row), flattened cell-major,
-    (n, i, j, valid) [1, BQ * CH]."""
-    cells = CELLS_H * CELLS_W
+def _cell_tile(t, N, CELLS, W, children, CH: tl.constexpr, BQ: tl.constexpr):
+    """Tile t of BQ cells, (n, cell, valid) [1, BQ], and their children, flattened cell-major, (n, i, j, valid)
+    [1, BQ * CH], from the per-image table of each cell's CH children (pixel index, -1 for padding)."""
     q = t * BQ + tl.arange(0, BQ)
     e = tl.arange(0, BQ * CH)
     qe = t * BQ + e // CH
-    cell_ok = qe < N * cells
-    r = (qe % cells) // CELLS_W
-    s = qe % CELLS_W
-    i = tl.load(first_r + r, mask=cell_ok, other=0) + (e % CH) // CC
-    j = tl.load(first_c + s, mask=cell_ok, other=0) + e % CC
-    ok = cell_ok & (i < tl.load(first_r + r + 1, mask=cell_ok, other=0)) & (j < tl.load(first_c + s + 1,
-                                                                                        mask=cell_ok, other=0))
-    return ((q // cells)[None, :], ((q % cells) // CELLS_W)[None, :], (q % CELLS_W)[None, :],
-            (q < N * cells)[None, :], (qe // cells)[None, :], i[None, :], j[None, :], ok[None, :])
+    p = tl.load(children + (qe % CELLS) * CH + e % CH, mask=qe < N * CELLS, other=-1)
+    return ((q // CELLS)[None, :], (q % CELLS)[None, :], (q < N * CELLS)[None, :], (qe // CELLS)[None, :],
+            (p // W)[None, :], (p % W)[None, :], (p >= 0)[None, :])
 
 
 @device_function
@@ -208,22 +201,19 @@ def _ghost_values(cheap, y1, cheap_w, n, c, c_ok, i, j, ok, H, W, INIT, M,
 
 
 @device_function
-def _load_quarter(ptr, n, c, r, s, C, h, w, mask, ACC: tl.constexpr, CL: tl.constexpr):
-    return tl.load(ptr + offset(n, c, r * w + s, C, h * w, CL), mask=mask, other=0.0).to(ACC)
-
-
-@device_function
-def _gate_corners(z2, n, c, r, s, C, h, w, mask, scale, shift, BILINEAR: tl.constexpr, CL: tl.constexpr):
-    """z2 and the gate sigmoid(bn(z2)) at cells (r, s); bilinear also gives the gates of the cells below, to the
-    right and below-right (clamped at the last row / column, where their weight is 0)."""
-    z = _load_quarter(z2, n, c, r, s, C, h, w, mask, scale.dtype, CL)
+def _gate_corners(z2, n, c, cell, C, h, w, mask, scale, shift, BILINEAR: tl.constexpr, CL: tl.constexpr):
+    """z2 and the gate sigmoid(bn(z2)) at cells ``cell`` (= r * w + s); bilinear also gives the gates of the cells
+    below, to the right and below-right (clamped at the last row / column, where their weight is 0)."""
+    at = z2 + offset(n, c, cell, C, h * w, CL)
+    z = tl.load(at, mask=mask, other=0.0).to(scale.dtype)
     g = tl.sigmoid(scale * z + shift)
     if BILINEAR:
-        r1 = tl.minimum(r + 1, h - 1)
-        s1 = tl.minimum(s + 1, w - 1)
-        g10 = tl.sigmoid(scale * _load_quarter(z2, n, c, r1, s, C, h, w, mask, scale.dtype, CL) + shift)
-        g01 = tl.sigmoid(scale * _load_quarter(z2, n, c, r, s1, C, h, w, mask, scale.dtype, CL) + shift)
-        g11 = tl.sigmoid(scale * _load_quarter(z2, n, c, r1, s1, C, h, w, mask, scale.dtype, CL) + shift)
+        step = C if CL else 1
+        down = tl.where(cell // w < h - 1, w, 0) * step
+        right = tl.where(cell % w < w - 1, 1, 0) * step
+        g10 = tl.sigmoid(scale * tl.load(at + down, mask=mask, other=0.0).to(scale.dtype) + shift)
+        g01 = tl.sigmoid(scale * tl.load(at + right, mask=mask, other=0.0).to(scale.dtype) + shift)
+        g11 = tl.sigmoid(scale * tl.load(at + down + right, mask=mask, other=0.0).to(scale.dtype) + shift)
         return z, g, g10, g01, g11
     return z, g, g, g, g
 
@@ -236,10 +226,10 @@ def _mix(g, g10, g01, g11, lam_r, lam_c):
 
 
 @device_function
-def _cell_gate(z2, n, c, r, s, C, h, w, mask, scale, shift, lam_r, lam_c, BQ: tl.constexpr, CH: tl.constexpr,
+def _cell_gate(z2, n, c, cell, C, h, w, mask, scale, shift, lam_r, lam_c, BQ: tl.constexpr, CH: tl.constexpr,
                BILINEAR: tl.constexpr, CL: tl.constexpr):
     """(z2 at the cells, gate at the cells, upsampled gate at their children [B, BQ * CH])."""
-    z, g, g10, g01, g11 = _gate_corners(z2, n, c, r, s, C, h, w, mask, scale, shift, BILINEAR, CL)
+    z, g, g10, g01, g11 = _gate_corners(z2, n, c, cell, C, h, w, mask, scale, shift, BILINEAR, CL)
     if BILINEAR:
         return z, g, _mix(_to_children(g, BQ, CH), _to_children(g10, BQ, CH), _to_children(g01, BQ, CH),
                           _to_children(g11, BQ, CH), lam_r, lam_c)
@@ -247,12 +237,12 @@ def _cell_gate(z2, n, c, r, s, C, h, w, mask, scale, shift, lam_r, lam_c, BQ: tl
 
 
 @device_function
-def _gate_pre_grad(grad_gate, z, g, n, rows, r, s, mask, C, h, w, mu, rstd, dz2n, part, T_MAX, ROW, t,
+def _gate_pre_grad(grad_gate, z, g, n, rows, cell, mask, C, h, w, mu, rstd, dz2n, part, T_MAX, ROW, t,
                    CL: tl.constexpr):
     """From the gate gradient at cells [BC, BQ] of channels ``rows`` [BC]: the gradient of the last DFC BN's output
     (stored) and the tile's BN-backward sums (partial rows ROW + c and ROW + C + c)."""
     grad = grad_gate * g * (1.0 - g)
-    tl.store(dz2n + offset(n, rows[:, None], r * w + s, C, h * w, CL), grad, mask=mask)
+    tl.store(dz2n + offset(n, rows[:, None], cell, C, h * w, CL), grad, mask=mask)
     store_sums(part, T_MAX, ROW + rows, rows < C, t, grad, mask)
     store_sums(part, T_MAX, ROW + C + rows, rows < C, t, grad * (z - mu) * rstd, mask)
 
@@ -331,6 +321,14 @@ def _cheap_moments_kernel(y1, cheap_w, pw, pb, pm, pv, peps, moments, ROWS, T_MA
     store_moments(moments, ROWS, T_MAX, rows, rows < NEW, t, y, (c < NEW) & ok)
 
 
+@device_function
+def _axis_step(h, w, C, VERTICAL: tl.constexpr, CL: tl.constexpr):
+    """(length, element stride) of the axis a DFC conv runs along, in a quarter-resolution tensor."""
+    if VERTICAL:
+        return h, w * (C if CL else 1)
+    return w, C if CL else 1
+
+
 @autotune(_BC_CONFIGS, key=["C", "h", "w", "K"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _dfc_conv_kernel(z_in, weight, iw, ib, im, iv, ieps, z_out, moments, ROWS, T_MAX, ROW, N, C, h, w,
@@ -342,17 +340,18 @@ def _dfc_conv_kernel(z_in, weight, iw, ib, im, iv, ieps, z_out, moments, ROWS, T
     c = rows[:, None]
     c_ok = c < C
     scale, shift, _, _ = bn_params(iw, ib, im, iv, ieps, c, c_ok, ACC)
+    at = offset(n, c, r * w + s, C, h * w, CL)
+    length, step = _axis_step(h, w, C, VERTICAL, CL)
+    pos = (r if VERTICAL else s)[:, :, None]
     acc = tl.zeros((BC, BQ), ACC)
     for t0 in tl.static_range(0, K, TB):
         k = t0 + tl.arange(0, TB)
-        rr = r[:, :, None] + (k - K // 2) if VERTICAL else r[:, :, None]
-        ss = s[:, :, None] if VERTICAL else s[:, :, None] + (k - K // 2)
-        tap_ok = ok[:, :, None] & (k < K) & (rr >= 0) & (rr < h) & (ss >= 0) & (ss < w)
-        v = _load_quarter(z_in, n[:, :, None], c[:, :, None], rr, ss, C, h, w, c_ok[:, :, None] & tap_ok, ACC, CL)
+        tap_ok = ok[:, :, None] & (k < K) & (pos + (k - K // 2) >= 0) & (pos + (k - K // 2) < length)
+        v = tl.load(z_in + at[:, :, None] + (k - K // 2) * step, mask=c_ok[:, :, None] & tap_ok, other=0.0).to(ACC)
         wt = tl.load(weight + c[:, :, None] * K + k, mask=c_ok[:, :, None] & (k < K), other=0.0).to(ACC)
         acc += tl.sum(wt * tl.where(tap_ok, scale[:, :, None] * v + shift[:, :, None], 0.0), axis=2)
     z = acc.to(z_out.dtype.element_ty)
-    tl.store(z_out + offset(n, c, r * w + s, C, h * w, CL), z, mask=c_ok & ok)
+    tl.store(z_out + at, z, mask=c_ok & ok)
     if TRAINING:
         store_moments(moments, ROWS, T_MAX, ROW + rows, rows < C, t, z.to(ACC), c_ok & ok)
 
@@ -360,13 +359,13 @@ def _dfc_conv_kernel(z_in, weight, iw, ib, im, iv, ieps, z_out, moments, ROWS, T
 @autotune(_BC_CONFIGS, key=["INIT", "C_OUT", "CELLS_H", "CELLS_W", "CH"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _write_kernel(out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, cv, ceps, features,
-                  z2, gw, gb, gm, gv, geps, first_r, first_c, lam_r, lam_c,
+                  z2, gw, gb, gm, gv, geps, children, lam_r, lam_c,
                   N, H, W, CELLS_H, CELLS_W, INIT, M, C_OUT,
                   DW: tl.constexpr, RELU: tl.constexpr, GHOST: tl.constexpr, HAS_GATE: tl.constexpr,
                   BILINEAR: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, TB: tl.constexpr, CH: tl.constexpr,
-                  CC: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr):
+                  BQ: tl.constexpr, BC: tl.constexpr):
     t = tl.program_id(1)
-    n_cell, r, s, cell_ok, n, i, j, ok = _cell_tile(t, N, CELLS_H, CELLS_W, first_r, first_c, CH, CC, BQ)
+    n_cell, cell, cell_ok, n, i, j, ok = _cell_tile(t, N, CELLS_H * CELLS_W, W, children, CH, BQ)
     cheap, c, c_ok, out_c, out_ok = _channel_block(tl.program_id(0), INIT, C_OUT - INIT, C_OUT, GHOST, BC)
     c, c_ok, out_c, out_ok = c[:, None], c_ok[:, None], out_c[:, None], out_ok[:, None]
     pixel = i * W + j
@@ -381,7 +380,7 @@ def _write_kernel(out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, cv, ceps, 
         g_scale, g_shift, _, _ = bn_params(gw, gb, gm, gv, geps, out_c, out_ok, ACC)
         lr = tl.load(lam_r + i, mask=ok, other=0.0) if BILINEAR else 0.0
         lc = tl.load(lam_c + j, mask=ok, other=0.0) if BILINEAR else 0.0
-        _, _, gate = _cell_gate(z2, n_cell, out_c, r, s, C_OUT, CELLS_H, CELLS_W, out_ok & cell_ok, g_scale, g_shift,
+        _, _, gate = _cell_gate(z2, n_cell, out_c, cell, C_OUT, CELLS_H, CELLS_W, out_ok & cell_ok, g_scale, g_shift,
                                 lr, lc, BQ, CH, BILINEAR, CL)
         o = o * gate
     tl.store(out + offset(n, out_c, pixel, C_OUT, H * W, CL), o, mask=out_ok & ok)
@@ -394,15 +393,15 @@ def _write_kernel(out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, cv, ceps, 
 @autotune(_BC_CONFIGS, key=["INIT", "NEW", "C_OUT", "CELLS_H", "CELLS_W", "CH"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _write_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, cv, ceps, features,
-                       z2, gw, gb, gm, gv, geps, first_r, first_c, lam_r, lam_c,
+                       z2, gw, gb, gm, gv, geps, children, lam_r, lam_c,
                        dpre2, y2, grad_features, gate_grad, part, T_MAX, ROW_G,
                        N, H, W, CELLS_H, CELLS_W, INIT, NEW, M, C_OUT,
                        DW: tl.constexpr, RELU: tl.constexpr, GHOST: tl.constexpr, HAS_GATE: tl.constexpr,
                        BILINEAR: tl.constexpr, TRAINING: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
-                       TB: tl.constexpr, CH: tl.constexpr, CC: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr):
+                       TB: tl.constexpr, CH: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr):
     """Partial rows: sum(dpre2) [new], sum(dpre2 * y2_hat) [new]; from ROW_G, the last DFC BN's sums [2 C]."""
     t = tl.program_id(1)
-    n_cell, r, s, cell_ok, n, i, j, ok = _cell_tile(t, N, CELLS_H, CELLS_W, first_r, first_c, CH, CC, BQ)
+    n_cell, cell, cell_ok, n, i, j, ok = _cell_tile(t, N, CELLS_H * CELLS_W, W, children, CH, BQ)
     pid = tl.program_id(0)
     if GHOST and not HAS_GATE:  # without a gate the primary channels have nothing to do here
         pid += tl.cdiv(INIT, BC)
@@ -424,7 +423,7 @@ def _write_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, 
         lr = tl.load(lam_r + i, mask=ok, other=0.0) if BILINEAR else 0.0
         lc = tl.load(lam_c + j, mask=ok, other=0.0) if BILINEAR else 0.0
         cell_mask = out_ok[:, None] & cell_ok
-        z, g, gate = _cell_gate(z2, n_cell, out_c, r, s, C_OUT, CELLS_H, CELLS_W, cell_mask, g_scale, g_shift, lr,
+        z, g, gate = _cell_gate(z2, n_cell, out_c, cell, C_OUT, CELLS_H, CELLS_W, cell_mask, g_scale, g_shift, lr,
                                 lc, BQ, CH, BILINEAR, CL)
         grad_o = grad * gate
     if GHOST:
@@ -442,13 +441,13 @@ def _write_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, 
         grad_gate = tl.where(ok, grad * o, 0.0)
         if BILINEAR:  # each weight's share, gathered by the cell it belongs to in _gate_grad_kernel
             plane = N * C_OUT * CELLS_H * CELLS_W
-            at = gate_grad + offset(n_cell, out_c, r * CELLS_W + s, C_OUT, CELLS_H * CELLS_W, CL)
+            at = gate_grad + offset(n_cell, out_c, cell, C_OUT, CELLS_H * CELLS_W, CL)
             tl.store(at, _sum_children(grad_gate * (1.0 - lr) * (1.0 - lc), BQ, CH), mask=cell_mask)
             tl.store(at + plane, _sum_children(grad_gate * lr * (1.0 - lc), BQ, CH), mask=cell_mask)
             tl.store(at + 2 * plane, _sum_children(grad_gate * (1.0 - lr) * lc, BQ, CH), mask=cell_mask)
             tl.store(at + 3 * plane, _sum_children(grad_gate * lr * lc, BQ, CH), mask=cell_mask)
         else:
-            _gate_pre_grad(_sum_children(grad_gate, BQ, CH), z, g, n_cell, out_rows, r, s, cell_mask, C_OUT,
+            _gate_pre_grad(_sum_children(grad_gate, BQ, CH), z, g, n_cell, out_rows, cell, cell_mask, C_OUT,
                            CELLS_H, CELLS_W, g_mu, g_rstd, gate_grad, part, T_MAX, ROW_G, t, CL)
 
 
@@ -461,15 +460,18 @@ def _gate_grad_kernel(gate_parts, z2, gw, gb, gm, gv, geps, dz2n, part, T_MAX, R
     rows = tl.program_id(0) * BC + tl.arange(0, BC)
     c = rows[:, None]
     mask = (c < C) & ok
+    at = offset(n, c, r * w + s, C, h * w, CL)
     plane = N * C * h * w
-    grad = _load_quarter(gate_parts, n, c, r, s, C, h, w, mask, ACC, CL)
-    grad += _load_quarter(gate_parts + plane, n, c, r - 1, s, C, h, w, mask & (r > 0), ACC, CL)
-    grad += _load_quarter(gate_parts + 2 * plane, n, c, r, s - 1, C, h, w, mask & (s > 0), ACC, CL)
-    grad += _load_quarter(gate_parts + 3 * plane, n, c, r - 1, s - 1, C, h, w, mask & (r > 0) & (s > 0), ACC, CL)
+    up = w * (C if CL else 1)
+    left = C if CL else 1
+    grad = tl.load(gate_parts + at, mask=mask, other=0.0)
+    grad += tl.load(gate_parts + plane + at - up, mask=mask & (r > 0), other=0.0)
+    grad += tl.load(gate_parts + 2 * plane + at - left, mask=mask & (s > 0), other=0.0)
+    grad += tl.load(gate_parts + 3 * plane + at - up - left, mask=mask & (r > 0) & (s > 0), other=0.0)
     scale, shift, mu, rstd = bn_params(gw, gb, gm, gv, geps, c, c < C, ACC)
-    z = _load_quarter(z2, n, c, r, s, C, h, w, mask, ACC, CL)
-    _gate_pre_grad(grad, z, tl.sigmoid(scale * z + shift), n, rows, r, s, mask, C, h, w, mu, rstd, dz2n, part, T_MAX,
-                   ROW_G, t, CL)
+    z = tl.load(z2 + at, mask=mask, other=0.0).to(ACC)
+    _gate_pre_grad(grad, z, tl.sigmoid(scale * z + shift), n, rows, r * w + s, mask, C, h, w, mu, rstd, dz2n, part,
+                   T_MAX, ROW_G, t, CL)
 
 
 @autotune(_BC_CONFIGS, key=["C", "h", "w", "K"], interpreted=_INTERPRETED_BC)
@@ -488,32 +490,32 @@ def _dfc_conv_grad_kernel(dzn_out, z_out, ow, ob, om, ov, oeps, out_gb, out_gw, 
     o_scale, _, o_mu, o_rstd = bn_params(ow, ob, om, ov, oeps, c, c_ok, ACC)
     a, b, k0 = bn_grad_terms(out_gb, out_gw, c, c_ok, N * h * w, o_scale, o_mu, o_rstd, TRAINING)
     i_scale, i_shift, i_mu, i_rstd = bn_params(iw, ib, im, iv, ieps, c, c_ok, ACC)
-    grad_here = a * _load_quarter(dzn_out, n, c, r, s, C, h, w, mask, ACC, CL)
+    at = offset(n, c, r * w + s, C, h * w, CL)
+    grad_here = a * tl.load(dzn_out + at, mask=mask, other=0.0).to(ACC)
     if TRAINING:
-        grad_here += b * _load_quarter(z_out, n, c, r, s, C, h, w, mask, ACC, CL) + k0
-    n3, c3, r3, s3, mask3 = n[:, :, None], c[:, :, None], r[:, :, None], s[:, :, None], mask[:, :, None]
+        grad_here += b * tl.load(z_out + at, mask=mask, other=0.0).to(ACC) + k0
+    length, step = _axis_step(h, w, C, VERTICAL, CL)
+    pos = (r if VERTICAL else s)[:, :, None]
+    at3, mask3 = at[:, :, None], mask[:, :, None]
     acc = tl.zeros((BC, BQ), ACC)
     for t0 in tl.static_range(0, K, TB):
         k = t0 + tl.arange(0, TB)
         d = k - K // 2
-        r_src = r3 - d if VERTICAL else r3
-        s_src = s3 if VERTICAL else s3 - d
-        r_dst = r3 + d if VERTICAL else r3
-        s_dst = s3 if VERTICAL else s3 + d
-        src_ok = mask3 & (k < K) & (r_src >= 0) & (r_src < h) & (s_src >= 0) & (s_src < w)
-        dst_ok = mask3 & (k < K) & (r_dst >= 0) & (r_dst < h) & (s_dst >= 0) & (s_dst < w)
         # transposed conv: the output at p - d read this pixel through tap k
-        grad_src = a[:, :, None] * _load_quarter(dzn_out, n3, c3, r_src, s_src, C, h, w, src_ok, ACC, CL)
+        src_ok = mask3 & (k < K) & (pos - d >= 0) & (pos - d < length)
+        grad_src = a[:, :, None] * tl.load(dzn_out + at3 - d * step, mask=src_ok, other=0.0).to(ACC)
         if TRAINING:
-            grad_src += b[:, :, None] * _load_quarter(z_out, n3, c3, r_src, s_src, C, h, w, src_ok, ACC, CL) + k0[:, :, None]
-        wt = tl.load(weight + c3 * K + k, mask=c_ok[:, :, None] & (k < K), other=0.0).to(ACC)
+            grad_src += (b[:, :, None] * tl.load(z_out + at3 - d * step, mask=src_ok, other=0.0).to(ACC)
+                         + k0[:, :, None])
+        wt = tl.load(weight + c[:, :, None] * K + k, mask=c_ok[:, :, None] & (k < K), other=0.0).to(ACC)
         acc += tl.sum(wt * tl.where(src_ok, grad_src, 0.0), axis=2)
         # weight gradient: the output gradient here times the (normalised, zero-padded) input at p + d
-        z_dst = _load_quarter(z_in, n3, c3, r_dst, s_dst, C, h, w, dst_ok, ACC, CL)
+        dst_ok = mask3 & (k < K) & (pos + d >= 0) & (pos + d < length)
+        z_dst = tl.load(z_in + at3 + d * step, mask=dst_ok, other=0.0).to(ACC)
         store_sums(part, T_MAX, ROW + 2 * C + rows[:, None] * K + k[None, :], (rows < C)[:, None] & (k < K)[None, :],
                    t, grad_here[:, :, None] * (i_scale[:, :, None] * z_dst + i_shift[:, :, None]), dst_ok)
-    tl.store(dzn_in + offset(n, c, r * w + s, C, h * w, CL), acc, mask=mask)
-    z_hat = (_load_quarter(z_in, n, c, r, s, C, h, w, mask, ACC, CL) - i_mu) * i_rstd
+    tl.store(dzn_in + at, acc, mask=mask)
+    z_hat = (tl.load(z_in + at, mask=mask, other=0.0).to(ACC) - i_mu) * i_rstd
     store_sums(part, T_MAX, ROW + rows, rows < C, t, acc, mask)
     store_sums(part, T_MAX, ROW + C + rows, rows < C, t, acc * z_hat, mask)
 
@@ -541,9 +543,8 @@ def _cheap_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, 
     grad_x1 = tl.load(grad_out + offset(n, c, pixel, C_OUT, H * W, CL), mask=mask, other=0.0).to(ACC)
     if HAS_GATE:
         g_scale, g_shift, _, _ = bn_params(gw, gb, gm, gv, geps, c, c_ok, ACC)
-        _, g, g10, g01, g11 = _gate_corners(z2, n, c, tl.load(owner_r + i, mask=ok, other=0),
-                                            tl.load(owner_c + j, mask=ok, other=0), C_OUT, h, w, mask, g_scale,
-                                            g_shift, BILINEAR, CL)
+        cell = tl.load(owner_r + i, mask=ok, other=0) * w + tl.load(owner_c + j, mask=ok, other=0)
+        _, g, g10, g01, g11 = _gate_corners(z2, n, c, cell, C_OUT, h, w, mask, g_scale, g_shift, BILINEAR, CL)
         if BILINEAR:
             g = _mix(g, g10, g01, g11, tl.load(lam_r + i, mask=ok, other=0.0), tl.load(lam_c + j, mask=ok, other=0.0))
         grad_x1 *= g
@@ -683,15 +684,12 @@ class _Sizes:
 
 
 class _Cells:
-    """The cells of the output kernels (gate pixels, or pixels without a gate): tables and tiling."""
+    """The cells of the output kernels (gate pixels, or single pixels without a gate): tables and tiling."""
 
     def __init__(self, x: torch.Tensor, sz: _Sizes, dfc: Dfc | None):
-        mode = dfc.upsample if dfc else "identity"
         self.h, self.w = (sz.h, sz.w) if dfc else (sz.H, sz.W)
-        self.rows = axis_table(sz.H, self.h, mode, x.dtype, x.device)
-        self.cols = axis_table(sz.W, self.w, mode, x.dtype, x.device)
-        self.cc = triton.next_power_of_2(self.cols.children)
-        self.ch = triton.next_power_of_2(self.rows.children) * self.cc  # children per cell, padded
+        self.tables = upsampling(sz.H, sz.W, self.h, self.w, dfc.upsample if dfc else "identity", x.dtype, x.device)
+        self.ch = self.tables.ch
         cells = sz.n * self.h * self.w
         self.block = max(pixel_block(cells * self.ch, 256) // self.ch, 1)
         self.tiles = triton.cdiv(cells, self.block)
@@ -793,10 +791,10 @@ def forward(x: torch.Tensor, ghost: Ghost | None, dfc: Dfc | None, features: tor
     _write_kernel[lambda meta: ((triton.cdiv(sz.init, meta["BC"]) if ghost else 0)
                                 + triton.cdiv(c_out - sz.init, meta["BC"]), cells.tiles)](
         out, *_ghost_args(x, ghost, y1), features.contiguous(memory_format=sz.fmt) if features is not None else x,
-        z2 if dfc else x, *_bn(dfc.bns[2] if dfc else None, x), cells.rows.first, cells.cols.first, cells.rows.lam,
-        cells.cols.lam, sz.n, sz.H, sz.W, cells.h, cells.w, sz.init, sz.m, c_out, DW=sz.dw, RELU=sz.relu,
+        z2 if dfc else x, *_bn(dfc.bns[2] if dfc else None, x), cells.tables.children,
+        cells.tables.lam_r, cells.tables.lam_c, sz.n, sz.H, sz.W, cells.h, cells.w, sz.init, sz.m, c_out, DW=sz.dw, RELU=sz.relu,
         GHOST=ghost is not None, HAS_GATE=dfc is not None, BILINEAR=dfc is not None and dfc.upsample == "bilinear",
-        CL=sz.cl, ACC=sz.acc, TB=tap_block(sz.dw * sz.dw), CH=cells.ch, CC=cells.cc, BQ=cells.block)
+        CL=sz.cl, ACC=sz.acc, TB=tap_block(sz.dw * sz.dw), CH=cells.ch, BQ=cells.block)
     return out, stats_mean, stats_var
 
 
@@ -869,11 +867,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
     _write_grad_kernel[lambda meta: ((triton.cdiv(sz.init, meta["BC"]) if ghost and dfc else 0)
                                      + triton.cdiv(sz.new if ghost else c_out, meta["BC"]), cells.tiles)](
         grad_out, *_ghost_args(x, ghost, y1), features if features is not None else x, z2 if dfc else x, *gate_bn,
-        cells.rows.first, cells.cols.first, cells.rows.lam, cells.cols.lam, dpre2, y2,
+        cells.tables.children, cells.tables.lam_r, cells.tables.lam_c, dpre2, y2,
         grads.features if features is not None else x, gate_parts, partials.buffer, partials.t_max, 2 * sz.new, sz.n,
         sz.H, sz.W, cells.h, cells.w, sz.init, sz.new, sz.m, c_out, DW=sz.dw, RELU=sz.relu, GHOST=ghost is not None,
         HAS_GATE=dfc is not None, BILINEAR=bilinear, TRAINING=training, CL=sz.cl, ACC=sz.acc, TB=tap_block(sz.dw * sz.dw),
-        CH=cells.ch, CC=cells.cc, BQ=cells.block)
+        CH=cells.ch, BQ=cells.block)
     if bilinear:
         _gate_grad_kernel[lambda meta: (triton.cdiv(sz.c, meta["BC"]), sz.quarter_tiles)](
             gate_parts, z2, *gate_bn, dz2n, partials.buffer, partials.t_max, 2 * sz.new, sz.n, sz.c, sz.h, sz.w,
@@ -887,7 +885,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
     if ghost:
         _cheap_grad_kernel[lambda meta: (triton.cdiv(sz.init, meta["BC"]), sz.pixel_tiles)](
             grad_out, *_ghost_args(x, ghost, y1), *bn_grads(1), dpre2, y2, z2 if dfc else x, *gate_bn,
-            cells.rows.owner, cells.cols.owner, cells.rows.lam, cells.cols.lam, dpre1, partials.buffer,
+            cells.tables.owner_r, cells.tables.owner_c, cells.tables.lam_r, cells.tables.lam_c, dpre1, partials.buffer,
             partials.t_max, sz.n, sz.H, sz.W, cells.h, cells.w, sz.init, sz.new, sz.m, c_out, DW=sz.dw,
             RELU=sz.relu, HAS_GATE=dfc is not None, BILINEAR=bilinear, TRAINING=training, CL=sz.cl, ACC=sz.acc,
             TB=tap_block(sz.dw * sz.dw), BP=sz.pixel_block)

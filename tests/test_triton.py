@@ -122,6 +122,14 @@ def test_op_matches_reference_float32(op, training):
                            torch.float32)
 
 
+@pytest.mark.parametrize("op", ["ghost_attn", "dfc_attention"])
+def test_several_tiles_and_channel_blocks(op):
+    """Shapes past one tile and one channel block: 2 x 70 x 24 x 24 -> 70 channels (loops over 64-channel chunks,
+    3 blocks of 32 channels, 5 pixel tiles), so tile partials and chunked reductions are exercised."""
+    options = dict(upsample="bilinear") if op == "dfc_attention" else {}
+    compare_with_reference(op, op_arguments(op, 2, 70, 70, 24, 24, True, **options), torch.float64)
+
+
 def test_features_in_another_layout():
     args = op_arguments("dfc_attention", 2, 3, 4, 5, 6, True)
     args[1] = args[1].contiguous(memory_format=torch.channels_last)

@@ -9,8 +9,8 @@ Conventions of every kernel in this package:
 * ``ACC`` is the accumulation dtype: float64 for float64 inputs, float32 otherwise. Products of float16 / bfloat16
   operands accumulate in float32.
 * Train-mode statistics and every gradient summed over pixels leave the kernel that produces them as per-tile
-  partials ``[rows, tiles]``; :func:`finalize_moments` and :func:`sum_partials` reduce them in a fixed order (no
-  atomics, so results are bitwise reproducible for a given launch configuration).
+  partials ``[rows, tiles]``; :class:`Partials` reduces them in a fixed order (no atomics, so results are bitwise
+  reproducible for a given launch configuration).
 """
 
 import functools
@@ -38,9 +38,9 @@ def device_function(fn):
 
 def pixel_block(count: int, gpu: int) -> int:
     """Pixel (or cell) tile size: ``gpu`` on a GPU; under the interpreter, which runs programs one after another at
-    a few ms each, one tile for every small test shape (at least 16, the smallest ``tl.dot`` operand)."""
+    a few ms each, one tile for the small test shapes, up to 256 (at least 16, the smallest ``tl.dot`` operand)."""
     if INTERPRETED:
-        return max(16, min(triton.next_power_of_2(max(count, 1)), 1024))
+        return max(16, min(triton.next_power_of_2(max(count, 1)), 256))
     return gpu
 
 
@@ -51,9 +51,8 @@ def tap_block(taps: int) -> int:
 
 
 def reduction_block(size: int) -> int:
-    """Block over a GEMM reduction dimension (input channels): all of it under the interpreter, else up to 64."""
-    block = max(16, triton.next_power_of_2(size))
-    return block if INTERPRETED else min(block, 64)
+    """Block over a GEMM reduction dimension (channels): the next power of two from 16 up to 64."""
+    return min(max(16, triton.next_power_of_2(size)), 64)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,14 +85,12 @@ def offset(n, c, p, C, PIX, CL: tl.constexpr):
 
 @device_function
 def mm(a, b):
-    """``a @ b`` with float32 accumulation; float64 operands use an exact FMA reduction instead of ``tl.dot``
-    (which has no float64 path on most targets), float32 ones ask for IEEE precision (no TF32)."""
-    if a.dtype == tl.float64:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    elif a.dtype == tl.float32:
+    """``a @ b`` accumulated in float32 (float64 for float64 operands). float32 and float64 ask for IEEE precision
+    (no TF32: the tests compare with eager at float32 tolerances); float64 ``tl.dot`` is exact in the interpreter
+    (checked) and lowers to FMAs or fp64 MMA on a GPU (not verified in this session: no GPU)."""
+    if a.dtype == tl.float32 or a.dtype == tl.float64:
         return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+    return tl.dot(a, b)
 
 
 @device_function
@@ -169,6 +166,8 @@ def store_sums(part, T_MAX, rows, row_mask, t, values, valid):
 @triton.jit
 def _finalize_moments_kernel(part, ROWS, T_MAX, SPLIT, TILES_A, TILES_B, mean_out, var_out, OUT_OFFSET, GAP,
                              BR: tl.constexpr, BT: tl.constexpr):
+    """Mean and biased variance per row from the tiles' (count, mean, M2), combined block by block (Chan et al.)
+    into mean_out / var_out at OUT_OFFSET + row (+ GAP past SPLIT)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < ROWS
     tiles = tl.where(rows < SPLIT, TILES_A, TILES_B)
@@ -201,6 +200,7 @@ def _finalize_moments_kernel(part, ROWS, T_MAX, SPLIT, TILES_A, TILES_B, mean_ou
 
 @device_function
 def _store_segment(total, rows, row_ok, start, end, dest):
+    """Rows [start, end) of ``total`` into ``dest`` from its first element, cast to its dtype."""
     tl.store(dest + (rows - start), total.to(dest.dtype.element_ty), mask=row_ok & (rows >= start) & (rows < end))
 
 
@@ -271,7 +271,7 @@ class Partials:
                                            BT=_reduce_tiles(self.t_max))
 
 
-_BR = 32 if INTERPRETED else 16
+_BR = 256 if INTERPRETED else 16  # rows per program: one program for the test shapes under the interpreter
 
 
 def _reduce_tiles(t_max: int) -> int:

@@ -1,16 +1,29 @@
 """Triton ``dfc_attention``: ``features * upsample(sigmoid(bn(vconv(bn(hconv(bn(conv1x1(avg_pool2x2(x)))))))))``.
 
-Full-resolution passes are counted per channel of the output (``x``: Cin channels); the quarter-resolution
-intermediates z0, z1, z2 (C channels at h x w) cost a quarter pass each per write or read.
+Kernels are in :mod:`.stages`. Full-resolution traffic is counted in tensors read (R) or written (W) once per
+kernel (x: Cin channels; features, out, grad_out: C). The DFC intermediates z0, z1, z2 and their gradients live at
+quarter resolution (h x w = H // 2 x W // 2), each write or read a quarter pass; the gate is computed per gate
+pixel from z2 inside the output kernel and never exists at full resolution. Eager figures are ATen operations
+traced on CPU (views and allocations not counted).
 
-* eval forward, 4 launches + 2 ``torch.cat`` [eager: ~12 launches]: ``_project`` reads x, writes z0;
-  ``_dfc_conv`` twice (z1, z2); ``_write`` reads features and z2 (once per gate pixel, sigmoid computed there),
-  writes out once. The gate is never materialised at full resolution.
-* train forward, 7 launches: the same with a finalize of the BN moments after each of the three stages.
-* backward, 10 launches + 2 ``torch.cat`` (11 with bilinear): recompute z0, z1, z2 (3); ``_write_grad`` reads
-  grad_out, features, writes grad_features and the gate gradient reduced over each gate pixel's children; sum;
-  ``_dfc_conv_grad`` (vertical), sum, ``_dfc_conv_grad`` (horizontal), sum; ``_project_grad`` writes dx;
-  ``_project_weight_grad`` reads x; sum.
+=================  ================================================  ==============================================
+                   triton                                            eager
+=================  ================================================  ==============================================
+eval forward       4 launches (+2 ``torch.cat`` of the running       10 ops: pool, conv, BN, conv, BN, conv, BN,
+                   statistics): ``_project`` R x (pooled in          sigmoid, upsample, mul; 3 R + 2 W (the gate is
+                   registers, W z0), ``_dfc_conv`` x2, ``_write``    written and read at full resolution)
+                   R features W out; 2 R + 1 W: the floor
+train forward      7: the same with a finalize of the BN moments     10 ops (+3 counters); 3 R + 2 W
+                   after each of the three convolutions; 2 R + 1 W
+backward           12 (13 bilinear): recompute z0, z1, z2 (3),       11 ops: mul x2, upsample', sigmoid', 3 x (BN',
+                   ``_write_grad`` (R grad_out, features; W          conv'), pool'; 5 R + 4 W
+                   grad_features; the gate gradient summed over
+                   each gate pixel's children), [``_gate_grad``],
+                   sum, ``_dfc_conv_grad`` (K, 1), sum,
+                   ``_dfc_conv_grad`` (1, K), sum, ``_project_grad``
+                   (W dx), ``_project_weight_grad`` (R x), sum;
+                   4 R + 2 W
+=================  ================================================  ==============================================
 """
 
 from . import stages

@@ -1,17 +1,29 @@
 """Triton ``ghost_concat``: the 'original' Ghost module, ``cat(act(bn(conv1x1(x))), act(bn(dwconv(.))))[:, :oup]``.
 
-Kernels (see :mod:`.stages`) and full-resolution passes, counted in tensors of the output's size per channel
-(``x``: Cin channels read; ``y1``: init channels; ``out``: oup channels); eager in brackets:
+Kernels are in :mod:`.stages`. Full-resolution traffic is counted in tensors read (R) or written (W) once per
+kernel (x: Cin channels, y1 / dpre1: init, y2 / dpre2: new, out / grad_out: oup; the depthwise halo is re-read from
+cache, not counted). Eager figures are ATen operations traced on CPU (one or more CUDA kernels each; views and
+allocations not counted).
 
-* eval forward, 2 launches + 2 ``torch.cat`` of the running statistics [eager: 6 launches, ~10 passes]:
-  ``_project`` reads x, writes y1; ``_write`` reads y1 (its 3x3 halo from cache) and writes out once.
-* train forward, 5 launches [eager: ~12]: ``_project`` (+ y1 moments), finalize, ``_cheap_moments`` reads y1
-  (y2 moments; y2 is recomputed later, not stored), finalize, ``_write``. Reads x, writes y1, reads y1 twice,
-  writes out.
-* backward, 7 launches + 2 ``torch.cat`` [eager: ~20]: ``_project`` recomputes y1 (reads x, writes y1);
-  ``_write_grad`` reads y1 and grad_out[init:], writes dpre2 (new) and, in training, y2 (new); sum;
-  ``_cheap_grad`` reads y1, grad_out[:init], dpre2, y2, writes dpre1 (init); sum; ``_project_grad`` reads dpre1, y1,
-  writes dx; ``_project_weight_grad`` reads x, dpre1, y1; sum.
+=================  ================================================  ==============================================
+                   triton                                            eager
+=================  ================================================  ==============================================
+eval forward       2 launches (+2 ``torch.cat`` of the running       7 ops: conv, BN, ReLU, dwconv, BN, ReLU, cat;
+                   statistics): ``_project`` R x W y1, ``_write``    7 R + 7 W
+                   R y1 W out; 2 R + 2 W
+train forward      5: ``_project`` (+ y1 moments), finalize,         7 ops (+2 counters); BN reads its input twice:
+                   ``_cheap_moments`` R y1 (y2 recomputed later,     9 R + 7 W
+                   never stored), finalize, ``_write``; 3 R + 2 W
+backward           8: ``_project`` (recompute y1), ``_write_grad``   7 ops: ReLU', BN', conv' (input and weight),
+                   (cheap channels: R y1, grad_out; W dpre2, y2),    add, ReLU', BN', conv'; about 16 R + 7 W
+                   sum, ``_cheap_grad`` (R y1, grad_out, dpre2, y2;
+                   W dpre1), sum, ``_project_grad`` (R dpre1, y1;
+                   W dx), ``_project_weight_grad`` (R x, dpre1, y1),
+                   sum; train 12 R + 5 W, eval 9 R + 4 W (no y2)
+=================  ================================================  ==============================================
+
+The output is written once, each branch straight into its channel range. y1 is the one stored intermediate of the
+forward (the 3x3 depthwise conv needs y1's neighbours across tiles); y2 is recomputed rather than stored.
 """
 
 from . import stages

@@ -24,14 +24,22 @@ reduced over the cell's children), ``_gate_grad_kernel`` (bilinear: gathers the 
 ``_project_grad_kernel`` (dx = primary_w^T dy1 + upsampled conv_w^T dz0 / 4) and ``_project_weight_grad_kernel``
 (split-K partials of primary_w and conv_w gradients).
 
-The 1x1 convolutions run as ``tl.dot`` inside the fused kernels rather than as a library GEMM (torch.matmul). Not
-measured yet (no GPU in this session); the reasoning, for the 14 attn modules of ghostnetv2_100 at 224x224 in bf16:
-Cin -> oup is 24 -> 72 at 56x56, 40 -> 120 / 240 at 28x28, 80 -> 200 / 184 / 184 / 480 and 112 -> 672 at 14x14,
-160 -> 960 at 7x7. The primary GEMM costs 2 * Cin * init FLOPs per pixel against 2 * (Cin + oup) bytes of floor
-traffic: 9 FLOP/B (24 -> 72) up to 69 FLOP/B (160 -> 960), far below an H100's ~300 FLOP/B ridge, so every module is
-memory-bound and the GEMM's cost is its memory traffic. A library GEMM would write y1 / z0 and the fused kernel
-read them back, one more full-resolution pass (init + oup channels) per module; the in-kernel ``tl.dot`` keeps
-them in registers, and K = Cin (24 to 160) is a small, well-shaped reduction for it.
+The 1x1 convolutions run as ``tl.dot`` inside ``_project_kernel`` (and its backward twins) rather than as a library
+GEMM (torch.matmul). Chosen by counting, not measured (no GPU in this session). For the 14 attn modules of
+ghostnetv2_100 at 224x224 (Cin -> oup: 24 -> 72 at 56x56; 40 -> 120, 240 at 28x28; 80 -> 200, 184, 184, 480 and
+112 -> 672 at 14x14; 160 -> 960 at 7x7) the primary GEMM does 2 * Cin * init FLOPs per pixel against a floor of
+2 * (Cin + oup) bytes (bf16): 9 FLOP/B for 24 -> 72 up to 69 FLOP/B for 160 -> 960, far below an H100's ~300
+FLOP/B ridge. Every module is memory-bound, so the choice is decided by bytes moved, per pixel in channels:
+
+* fused (this file): read x once for both GEMMs (the pool is summed in registers), write y1 (init) and z0 (oup / 4);
+  in training the BN moments come from the same registers.
+* library GEMMs: y1 = W @ x reads x and writes y1 (the same), but the DFC GEMM needs an avg_pool pass (read x again,
+  write and read the pooled Cin / 4) and, in training, the moments need another read of y1 and z0.
+
+The fused form saves Cin + Cin / 2 (+ init + oup / 4 in training) channels per pixel: for 24 -> 72, 36 (eval) or
+90 (training) against the 96 of the floor; and its K = Cin (24 to 160) suits tl.dot. The alternative would replace ``_project`` (whose outputs,
+raw y1 and z0 plus moments, are exactly what the GEMMs would produce) by torch.matmul calls, a pooling and a
+moments kernel; it is not kept as a flag here (no dead code) until a measurement asks for it.
 """
 
 import functools
@@ -267,7 +275,7 @@ _BC_CONFIGS = [triton.Config({"BC": bc}, num_warps=nw) for bc in (16, 32, 64) fo
 _INTERPRETED_BC = triton.Config({"BC": 32})
 
 
-@autotune(_BC_CONFIGS, key=["CIN", "INIT", "C_DFC", "H", "W"], interpreted=_INTERPRETED_BC)
+@autotune(_BC_CONFIGS, key=["N", "CIN", "INIT", "C_DFC", "H", "W"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _project_kernel(x, primary_w, dfc_w, y1, z0, moments, ROWS, T_MAX, N, CIN, H, W, INIT, C_DFC,
                     TRAINING: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BQ: tl.constexpr,
@@ -306,7 +314,7 @@ def _project_kernel(x, primary_w, dfc_w, y1, z0, moments, ROWS, T_MAX, N, CIN, H
             store_moments(moments, ROWS, T_MAX, INIT + c, c < C_DFC, t, z.to(ACC), mask)
 
 
-@autotune(_BC_CONFIGS, key=["INIT", "NEW", "H", "W", "DW"], interpreted=_INTERPRETED_BC)
+@autotune(_BC_CONFIGS, key=["N", "INIT", "NEW", "H", "W", "DW"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _cheap_moments_kernel(y1, cheap_w, pw, pb, pm, pv, peps, moments, ROWS, T_MAX, N, H, W, INIT, NEW, M,
                           DW: tl.constexpr, RELU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
@@ -329,7 +337,7 @@ def _axis_step(h, w, C, VERTICAL: tl.constexpr, CL: tl.constexpr):
     return w, C if CL else 1
 
 
-@autotune(_BC_CONFIGS, key=["C", "h", "w", "K"], interpreted=_INTERPRETED_BC)
+@autotune(_BC_CONFIGS, key=["N", "C", "h", "w", "K"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _dfc_conv_kernel(z_in, weight, iw, ib, im, iv, ieps, z_out, moments, ROWS, T_MAX, ROW, N, C, h, w,
                      K: tl.constexpr, VERTICAL: tl.constexpr, TRAINING: tl.constexpr, CL: tl.constexpr,
@@ -356,7 +364,7 @@ def _dfc_conv_kernel(z_in, weight, iw, ib, im, iv, ieps, z_out, moments, ROWS, T
         store_moments(moments, ROWS, T_MAX, ROW + rows, rows < C, t, z.to(ACC), c_ok & ok)
 
 
-@autotune(_BC_CONFIGS, key=["INIT", "C_OUT", "CELLS_H", "CELLS_W", "CH"], interpreted=_INTERPRETED_BC)
+@autotune(_BC_CONFIGS, key=["N", "INIT", "C_OUT", "CELLS_H", "CELLS_W", "CH"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _write_kernel(out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, cv, ceps, features,
                   z2, gw, gb, gm, gv, geps, children, lam_r, lam_c,
@@ -390,7 +398,7 @@ def _write_kernel(out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, cv, ceps, 
 # Backward kernels.
 
 
-@autotune(_BC_CONFIGS, key=["INIT", "NEW", "C_OUT", "CELLS_H", "CELLS_W", "CH"], interpreted=_INTERPRETED_BC)
+@autotune(_BC_CONFIGS, key=["N", "INIT", "NEW", "C_OUT", "CELLS_H", "CELLS_W", "CH"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _write_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, cv, ceps, features,
                        z2, gw, gb, gm, gv, geps, children, lam_r, lam_c,
@@ -451,7 +459,7 @@ def _write_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, 
                            CELLS_H, CELLS_W, g_mu, g_rstd, gate_grad, part, T_MAX, ROW_G, t, CL)
 
 
-@autotune(_BC_CONFIGS, key=["C", "h", "w"], interpreted=_INTERPRETED_BC)
+@autotune(_BC_CONFIGS, key=["N", "C", "h", "w"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _gate_grad_kernel(gate_parts, z2, gw, gb, gm, gv, geps, dz2n, part, T_MAX, ROW_G, N, C, h, w,
                       CL: tl.constexpr, ACC: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr):
@@ -474,7 +482,7 @@ def _gate_grad_kernel(gate_parts, z2, gw, gb, gm, gv, geps, dz2n, part, T_MAX, R
                    T_MAX, ROW_G, t, CL)
 
 
-@autotune(_BC_CONFIGS, key=["C", "h", "w", "K"], interpreted=_INTERPRETED_BC)
+@autotune(_BC_CONFIGS, key=["N", "C", "h", "w", "K"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _dfc_conv_grad_kernel(dzn_out, z_out, ow, ob, om, ov, oeps, out_gb, out_gw, z_in, weight, iw, ib, im, iv, ieps,
                           dzn_in, part, T_MAX, ROW, N, C, h, w, K: tl.constexpr, VERTICAL: tl.constexpr,
@@ -520,7 +528,7 @@ def _dfc_conv_grad_kernel(dzn_out, z_out, ow, ob, om, ov, oeps, out_gb, out_gw, 
     store_sums(part, T_MAX, ROW + C + rows, rows < C, t, acc * z_hat, mask)
 
 
-@autotune(_BC_CONFIGS, key=["INIT", "NEW", "C_OUT", "H", "W", "DW"], interpreted=_INTERPRETED_BC)
+@autotune(_BC_CONFIGS, key=["N", "INIT", "NEW", "C_OUT", "H", "W", "DW"], interpreted=_INTERPRETED_BC)
 @triton.jit
 def _cheap_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, cv, ceps, cheap_gb, cheap_gw, dpre2,
                        y2, z2, gw, gb, gm, gv, geps, owner_r, owner_c, lam_r, lam_c, dpre1, part, T_MAX,
@@ -588,7 +596,7 @@ def _cheap_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, 
 
 
 @autotune([triton.Config({"BK": bk}, num_warps=nw) for bk in (16, 32, 64) for nw in (4, 8)],
-          key=["CIN", "INIT", "C_DFC", "H", "W"], interpreted=triton.Config({"BK": 32}))
+          key=["N", "CIN", "INIT", "C_DFC", "H", "W"], interpreted=triton.Config({"BK": 32}))
 @triton.jit
 def _project_grad_kernel(dpre1, y1, primary_w, pw, pb, pm, pv, peps, p_gb, p_gw, dz0n, z0, dfc_w, zw, zb, zm, zv,
                          zeps, z_gb, z_gw, dx, N, CIN, H, W, INIT, C_DFC, TRAINING: tl.constexpr, CL: tl.constexpr,
@@ -619,7 +627,7 @@ def _project_grad_kernel(dpre1, y1, primary_w, pw, pb, pm, pv, peps, p_gb, p_gw,
 
 
 @autotune([triton.Config({"BC": bc, "BK": bk}, num_warps=nw) for bc in (32, 64) for bk in (32, 64) for nw in (4, 8)],
-          key=["CIN", "INIT", "C_DFC", "H", "W"], interpreted=triton.Config({"BC": 32, "BK": 32}))
+          key=["N", "CIN", "INIT", "C_DFC", "H", "W"], interpreted=triton.Config({"BC": 32, "BK": 32}))
 @triton.jit
 def _project_weight_grad_kernel(x, dpre1, y1, pw, pb, pm, pv, peps, p_gb, p_gw, dz0n, z0, zw, zb, zm, zv, zeps,
                                 z_gb, z_gw, part, SPLIT, N, CIN, H, W, INIT, C_DFC, TRAINING: tl.constexpr, CL: tl.constexpr,

@@ -271,7 +271,9 @@ def _bn_input_grad(grad_ptr, y_ptr, n, c, c_ok, p, ok, C, PIX, w, b, m, v, eps, 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward kernels.
 
-_BC_CONFIGS = [triton.Config({"BC": bc}, num_warps=nw) for bc in (16, 32, 64) for nw in (4, 8)]
+# Channel blocks of 16 or 32 against pixel tiles of 64 (128 children in the cell kernels): at most 16 elements of
+# each [BC, pixels] tensor per thread, which the sm_90 compile of every kernel keeps free of register spills.
+_BC_CONFIGS = [triton.Config({"BC": bc}, num_warps=nw) for bc in (16, 32) for nw in (4, 8)]
 _INTERPRETED_BC = triton.Config({"BC": 32})
 
 
@@ -552,7 +554,8 @@ def _cheap_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, 
     if HAS_GATE:
         g_scale, g_shift, _, _ = bn_params(gw, gb, gm, gv, geps, c, c_ok, ACC)
         cell = tl.load(owner_r + i, mask=ok, other=0) * w + tl.load(owner_c + j, mask=ok, other=0)
-        _, g, g10, g01, g11 = _gate_corners(z2, n, c, cell, C_OUT, h, w, mask, g_scale, g_shift, BILINEAR, CL)
+        # (no "_" here: the loop below rebinds "_", and a compiled loop would take it as loop-carried)
+        z_cell, g, g10, g01, g11 = _gate_corners(z2, n, c, cell, C_OUT, h, w, mask, g_scale, g_shift, BILINEAR, CL)
         if BILINEAR:
             g = _mix(g, g10, g01, g11, tl.load(lam_r + i, mask=ok, other=0.0), tl.load(lam_c + j, mask=ok, other=0.0))
         grad_x1 *= g
@@ -595,8 +598,8 @@ def _cheap_grad_kernel(grad_out, y1, cheap_w, pw, pb, pm, pv, peps, cw, cb, cm, 
     store_sums(part, T_MAX, INIT + rows, rows < INIT, t, grad_pre * (y - p_mu) * p_rstd, mask)
 
 
-@autotune([triton.Config({"BK": bk}, num_warps=nw) for bk in (16, 32, 64) for nw in (4, 8)],
-          key=["N", "CIN", "INIT", "C_DFC", "H", "W"], interpreted=triton.Config({"BK": 32}))
+@autotune([triton.Config({"BK": bk, "BC": bc}, num_warps=nw) for bk in (32, 64) for bc in (16, 32) for nw in (4, 8)],
+          key=["N", "CIN", "INIT", "C_DFC", "H", "W"], interpreted=triton.Config({"BK": 32, "BC": 64}))
 @triton.jit
 def _project_grad_kernel(dpre1, y1, primary_w, pw, pb, pm, pv, peps, p_gb, p_gw, dz0n, z0, dfc_w, zw, zb, zm, zv,
                          zeps, z_gb, z_gw, dx, N, CIN, H, W, INIT, C_DFC, TRAINING: tl.constexpr, CL: tl.constexpr,
@@ -649,11 +652,12 @@ def _project_weight_grad_kernel(x, dpre1, y1, pw, pb, pm, pv, peps, p_gb, p_gw, 
                                   CL, ACC)
             acc += mm(grad.to(xt.dtype), xt)
         else:
+            # (names differ from the other branch's: a compiled if / else must give common names one type)
             pooled = tl.sum(tl.reshape(tl.trans(xt).to(ACC), (BK, BQ, 4)), axis=2) * 0.25
-            grad = _bn_input_grad(dz0n, z0, n_q[None, :], c[:, None], (c < C_DFC)[:, None], p_q[None, :],
-                                  pool_ok[None, :], C_DFC, (H // 2) * (W // 2), zw, zb, zm, zv, zeps, z_gb, z_gw,
-                                  N * (H // 2) * (W // 2), TRAINING, CL, ACC)
-            acc += mm(grad.to(xt.dtype), tl.trans(pooled.to(xt.dtype)))
+            grad_z = _bn_input_grad(dz0n, z0, n_q[None, :], c[:, None], (c < C_DFC)[:, None], p_q[None, :],
+                                    pool_ok[None, :], C_DFC, (H // 2) * (W // 2), zw, zb, zm, zv, zeps, z_gb, z_gw,
+                                    N * (H // 2) * (W // 2), TRAINING, CL, ACC)
+            acc += mm(grad_z.to(xt.dtype), tl.trans(pooled.to(xt.dtype)))
     rows = (tl.where(is_primary, 0, INIT) + c)[:, None] * CIN + k[None, :]
     tl.store(part + rows.to(tl.int64) * SPLIT + split, acc,
              mask=(c < tl.where(is_primary, INIT, C_DFC))[:, None] & (k < CIN)[None, :])
@@ -683,11 +687,11 @@ class _Sizes:
         self.dfc_offset = self.init + self.new  # where the DFC BatchNorms start in the packed statistics
         self.stats = self.dfc_offset + 3 * self.c
         quads = self.n * ((self.H + 1) // 2) * ((self.W + 1) // 2)
-        self.quad_block = pixel_block(quads, 32)  # at least 16: the pooled operand of tl.dot
+        self.quad_block = pixel_block(quads, 16)  # at least 16: the pooled operand of tl.dot
         self.quad_tiles = triton.cdiv(quads, self.quad_block)
-        self.pixel_block = pixel_block(self.n * self.H * self.W, 128)
+        self.pixel_block = pixel_block(self.n * self.H * self.W, 32)
         self.pixel_tiles = triton.cdiv(self.n * self.H * self.W, self.pixel_block)
-        self.quarter_block = pixel_block(self.n * self.h * self.w, 128)
+        self.quarter_block = pixel_block(self.n * self.h * self.w, 64)
         self.quarter_tiles = triton.cdiv(self.n * self.h * self.w, self.quarter_block)
 
 
@@ -699,7 +703,7 @@ class _Cells:
         self.tables = upsampling(sz.H, sz.W, self.h, self.w, dfc.upsample if dfc else "identity", x.dtype, x.device)
         self.ch = self.tables.ch
         cells = sz.n * self.h * self.w
-        self.block = max(pixel_block(cells * self.ch, 256) // self.ch, 1)
+        self.block = max(pixel_block(cells * self.ch, 64) // self.ch, 1)
         self.tiles = triton.cdiv(cells, self.block)
 
 
@@ -917,7 +921,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
     _project_grad_kernel[lambda meta: (triton.cdiv(sz.cin, meta["BK"]), sz.quad_tiles)](
         *primary_grad[:2], ghost.primary_weight.contiguous() if ghost else x, *primary_grad[2:], *dfc_grad[:2],
         dfc.conv_weight.contiguous() if dfc else x, *dfc_grad[2:], grads.x, sz.n, sz.cin, sz.H, sz.W, sz.init, sz.c,
-        TRAINING=training, CL=sz.cl, ACC=sz.acc, BQ=sz.quad_block, BC=reduction_block(max(sz.init, sz.c)))
+        TRAINING=training, CL=sz.cl, ACC=sz.acc, BQ=sz.quad_block)
     split = _weight_grad_split(x, sz)
     partials = Partials(x, (sz.init + sz.c) * sz.cin, split)
     _project_weight_grad_kernel[lambda meta: (triton.cdiv(sz.init, meta["BC"]) + triton.cdiv(sz.c, meta["BC"]),

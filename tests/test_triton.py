@@ -8,7 +8,10 @@ and float32, on small shapes; outputs are NaN-poisoned before each launch. Tests
 import copy
 import importlib.util
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -269,6 +272,81 @@ def test_benchmark_byte_count():
     attn = [(s.inp, s.oup, s.height) for s in shapes if s.mode == "attn"]
     assert attn == [(24, 72, 56), (40, 120, 28), (40, 240, 28), (80, 200, 14), (80, 184, 14), (80, 480, 14),
                     (112, 672, 14), (160, 960, 7)]
+
+
+def compile_launches(cases) -> list[str]:
+    """Compile, for sm_90 and without a GPU, every kernel the given (op, dtype, training, channels_last, upsample)
+    calls launch, with the first autotune config; returns the failures. Needs TRITON_INTERPRET unset (a subprocess)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from ghostfused.triton import stages
+
+    names = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+             torch.int32: "i32", torch.int64: "i64"}
+    failures, done = [], set()
+
+    def compile_kernel(fn, args, kwargs, options):
+        bound = dict(zip(fn.arg_names, args), **kwargs)
+        signature, constexprs = {}, {}
+        for param, name in zip(fn.params, fn.arg_names):
+            value = bound[name]
+            if param.is_constexpr:
+                signature[name], constexprs[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + names[value.dtype]
+            else:
+                signature[name] = {bool: "i1", int: "i32", float: "fp32"}[type(value)]
+        key = (fn.fn.__name__, str(sorted(signature.items())), str(sorted(constexprs.items())))
+        if key not in done:
+            done.add(key)
+            try:
+                triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                               target=GPUTarget("cuda", 90, 32), options=options)
+            except Exception as error:  # noqa: BLE001 (every failure is reported)
+                failures.append(f"{fn.fn.__name__} {constexprs}: {error}")
+
+    def autotuned(self, *args, **kwargs):
+        config = self.configs[0]
+        compile_kernel(self.fn, args, {**kwargs, **config.kwargs}, dict(num_warps=config.num_warps))
+
+    def plain(self, *args, grid, warmup, **kwargs):
+        compile_kernel(self, args, kwargs, {})
+
+    Autotuner.run, JITFunction.run = autotuned, plain  # the host code runs on CPU tensors; nothing launches
+    stages._multiprocessors = lambda device: 132
+    for op, dtype, training, channels_last, upsample in cases:
+        options = {} if op == "ghost_concat" else dict(upsample=upsample)
+        args = op_arguments(op, 4, 24, 71, 14, 13, training, dtype=dtype, channels_last=channels_last,
+                            device=torch.device("cpu"), **options)
+        out, mean, var = _triton(op).forward(*args)
+        b = _bn_index(op)
+        sizes = [w.shape[0] for w in args[b]]
+        args[b + 2], args[b + 3] = list(mean.split(sizes)), list(var.split(sizes))
+        _triton(op).backward(torch.ones_like(out), *args)
+    return failures
+
+
+COMPILE_CASES = [("ghost_attn", torch.bfloat16, True, True, "bilinear"),
+                 ("dfc_attention", torch.float64, False, False, "nearest"),
+                 ("ghost_concat", torch.float32, True, False, "nearest")]
+
+
+@pytest.mark.skipif(GPU, reason="the GPU tests compile (and run) every kernel")
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts programs compiled Triton rejects (a loop-carried name changing type, mismatched if /
+    else types): compile every kernel launched by three calls that cover all constexpr branches (bf16 / fp64 /
+    fp32, train / eval, both layouts, bilinear / nearest / no gate) for sm_90, through ptxas."""
+    pytest.importorskip("triton.backends.nvidia")
+    code = ("import test_triton, sys; failures = test_triton.compile_launches(test_triton.COMPILE_CASES); "
+            "print(*failures, sep=chr(10)); sys.exit(1 if failures else 0)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -271,8 +271,10 @@ def _bn_input_grad(grad_ptr, y_ptr, n, c, c_ok, p, ok, C, PIX, w, b, m, v, eps, 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward kernels.
 
-# Channel blocks of 16 or 32 against pixel tiles of 64 (128 children in the cell kernels): at most 16 elements of
-# each [BC, pixels] tensor per thread, which the sm_90 compile of every kernel keeps free of register spills.
+# Channel blocks of 16 or 32 against the host's pixel tiles (32 pixels for the full-resolution stencils, 64 children
+# per cell tile, 64 quarter-resolution pixels, 16 quads). Compiled for sm_90 (ptxas -v, no GPU), every kernel has
+# configs here without register spills (the unrolled 3x3 stencils still take 120 to 190 registers); the autotuner
+# chooses by measurement.
 _BC_CONFIGS = [triton.Config({"BC": bc}, num_warps=nw) for bc in (16, 32) for nw in (4, 8)]
 _INTERPRETED_BC = triton.Config({"BC": 32})
 

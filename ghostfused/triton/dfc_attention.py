@@ -24,6 +24,9 @@ backward           12 (13 bilinear): recompute z0, z1, z2 (3),       11 ops: mul
                    (W dx), ``_project_weight_grad`` (R x), sum;
                    4 R + 2 W
 =================  ================================================  ==============================================
+
+1x1 convolutions: ``tl.dot`` inside the fused kernels, not a library GEMM, chosen by counting bytes per module shape
+of ghostnetv2_100 (see :mod:`.stages`); not yet measured on a GPU.
 """
 
 from . import stages

@@ -37,6 +37,9 @@ The floor is R x + W out. The remaining forward overhead is y1 (init = oup / 2 c
 cheap depthwise conv needs y1 at neighbouring pixels of other tiles, and recomputing it there costs 9 GEMMs per
 pixel, which is compute-bound at 160 -> 960; plus the quarter-resolution z0, z1, z2 (6 quarter passes of oup
 channels). Not measured (no GPU in this session).
+
+1x1 convolutions: ``tl.dot`` inside the fused kernels, not a library GEMM, chosen by counting bytes per module shape
+of ghostnetv2_100 (see :mod:`.stages`); not yet measured on a GPU.
 """
 
 from . import stages

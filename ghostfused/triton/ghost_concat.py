@@ -24,6 +24,9 @@ backward           8: ``_project`` (recompute y1), ``_write_grad``   7 ops: ReLU
 
 The output is written once, each branch straight into its channel range. y1 is the one stored intermediate of the
 forward (the 3x3 depthwise conv needs y1's neighbours across tiles); y2 is recomputed rather than stored.
+
+1x1 convolutions: ``tl.dot`` inside the fused kernels, not a library GEMM, chosen by counting bytes per module shape
+of ghostnetv2_100 (see :mod:`.stages`); not yet measured on a GPU.
 """
 
 from . import stages

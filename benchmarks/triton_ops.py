@@ -70,7 +70,7 @@ def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
 
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
     return 2 * size / (ms * 1e-3)
 
 
@@ -138,7 +138,9 @@ def bench(op: str, shape: ModuleShape, batch: int, dtype: torch.dtype, device: t
                 def step(provider=provider):
                     with torch.no_grad():
                         provider(*inputs)
-            ms = triton.testing.do_bench(step)
+            # gradients reset between runs, so that no accumulation kernel is timed
+            resets = list(inputs) + list(provider.parameters()) if training else None
+            ms = triton.testing.do_bench(step, grad_to_none=resets, return_mode="median")
             rows.append(dict(op=op, shape=shape, batch=batch, mode=mode, provider=name, ms=ms, floor_ms=floor_ms,
                              floor_percent=100 * floor_ms / ms))
     return rows

@@ -275,7 +275,7 @@ _BR = 256 if INTERPRETED else 16  # rows per program: one program for the test s
 
 
 def _reduce_tiles(t_max: int) -> int:
-    return min(triton.next_power_of_2(t_max), 1024 if INTERPRETED else 128)
+    return min(triton.next_power_of_2(t_max), 1024 if INTERPRETED else 64)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -88,8 +88,10 @@ class Dfc(NamedTuple):
 
 
 def batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps) -> list[BatchNormArgs]:
-    """The schema's BatchNorm lists as one :class:`BatchNormArgs` per BatchNorm."""
-    return [BatchNormArgs(*fields) for fields in zip(bn_weight, bn_bias, bn_mean, bn_var, bn_eps)]
+    """The schema's BatchNorm lists as one :class:`BatchNormArgs` per BatchNorm, each tensor made dense: the kernels
+    index the per-channel vectors with unit stride."""
+    return [BatchNormArgs(w.contiguous(), b.contiguous(), m.contiguous(), v.contiguous(), eps)
+            for w, b, m, v, eps in zip(bn_weight, bn_bias, bn_mean, bn_var, bn_eps)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -130,7 +130,9 @@ def test_gradcheck(backend, op, training):
                               a.momentum, a.eps) if isinstance(a, torch.nn.BatchNorm2d) else a for a in call]
         return getattr(ops, op)(*call, training=training, backend=backend)
 
-    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-5)
+    # Triton runs interpreted here, a hundred times slower than the native backends: its Jacobian is checked along
+    # random directions (fast mode) instead of column by column.
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-5, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

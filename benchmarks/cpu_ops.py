@@ -30,21 +30,11 @@ import torch.nn.functional as F
 import ghostfused
 from ghostfused import ops, reference
 from ghostfused.models import ghostnetv2
+from ghostfused.testing import randomize_batch_norms
 
 # (Cin, oup, H) of the 'attn' Ghost modules of ghostnetv2_100 at 224x224, and how many the model has.
 ATTN_SHAPES = [(24, 72, 56, 2), (40, 120, 28, 1), (40, 240, 28, 1), (80, 200, 14, 1), (80, 184, 14, 2),
                (80, 480, 14, 1), (112, 672, 14, 2), (160, 960, 7, 4)]
-
-
-def randomized(module):
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, torch.nn.BatchNorm2d):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.normal_(0, 0.2)
-                bn.running_mean.normal_(0, 0.2)
-                bn.running_var.uniform_(0.5, 1.5)
-    return module
 
 
 CLOCK = time.perf_counter
@@ -66,7 +56,8 @@ def side_by_side(calls: dict, repeats: int, warmup: int = 2) -> dict:
 
 def op_calls(op: str, cin: int, oup: int, size: int, batch: int, training: bool):
     """(eager, fused) callables of one op at one shape."""
-    module = randomized(reference.GhostModuleV2(cin, oup, mode="attn" if op != "ghost_concat" else "original"))
+    mode = "attn" if op != "ghost_concat" else "original"
+    module = randomize_batch_norms(reference.GhostModuleV2(cin, oup, mode=mode))
     module.train(training)
     fused = ghostfused.convert(copy.deepcopy(module), backend="cpu")
     x = torch.randn(batch, cin, size, size, requires_grad=training)
@@ -135,7 +126,7 @@ def overhead_table(repeats) -> list[str]:
     lines = [f"{'op':<12} {'shape':<14} {'module us':>10} {'public op us':>13} {'raw kernel us':>14} "
              f"{'python path us':>15}"]
     for cin, oup, size, _ in ATTN_SHAPES:
-        module = randomized(reference.GhostModuleV2(cin, oup, mode="attn")).eval()
+        module = randomize_batch_norms(reference.GhostModuleV2(cin, oup, mode="attn")).eval()
         fused = ghostfused.convert(copy.deepcopy(module), backend="cpu")
         p, c, s = module.primary_conv, module.cheap_operation, module.short_conv
         x = torch.randn(1, cin, size, size)
@@ -166,7 +157,7 @@ def overhead_table(repeats) -> list[str]:
 
 def model_table(repeats) -> list[str]:
     lines = [f"{'model':<26} {'eager ms':>9} {'cpu ms':>8} {'speedup':>8}"]
-    eager = randomized(ghostnetv2(1.0, backend=None))
+    eager = randomize_batch_norms(ghostnetv2(1.0, backend=None))
     fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
     for batch in (1, 8):
         x = torch.randn(batch, 3, 224, 224)

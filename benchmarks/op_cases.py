@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import ghostfused
 from ghostfused import benchmark, ops, reference
+from ghostfused.testing import randomize_batch_norms
 
 OPS = ("ghost_concat", "dfc_attention", "ghost_attn")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,14 +124,7 @@ def reference_module(case: Case, device: torch.device, dtype: torch.dtype) -> re
     """The case's reference Ghost module with seeded weights and non-trivial BatchNorm state."""
     torch.manual_seed(0)
     shape = case.shape
-    module = reference.GhostModuleV2(shape.inp, shape.oup, mode=shape.mode, relu=shape.relu)
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.normal_(0, 0.2)
-                bn.running_mean.normal_(0, 0.2)
-                bn.running_var.uniform_(0.5, 1.5)
+    module = randomize_batch_norms(reference.GhostModuleV2(shape.inp, shape.oup, mode=shape.mode, relu=shape.relu))
     return module.to(device=device, dtype=dtype).train(case.training)
 
 

@@ -142,4 +142,42 @@ void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor
   check_shape(op, grad_out, "grad_out", {x.size(0), channels, x.size(2), x.size(3)});
 }
 
+GhostSizes check_ghost_concat_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
+                                        const at::Tensor& cheap_weight, at::TensorList bn_weight,
+                                        at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+                                        at::ArrayRef<double> bn_eps, int64_t oup, bool training) {
+  const GhostSizes s = check_ghost_arguments(op, x, primary_weight, cheap_weight, oup);
+  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {s.init, s.cheap});
+  check_training_count(op, s.batch * s.height * s.width, training);
+  return s;
+}
+
+DfcSizes check_dfc_attention_arguments(const char* op, const at::Tensor& x, const at::Tensor& features,
+                                       const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+                                       const at::Tensor& vertical_weight, at::TensorList bn_weight,
+                                       at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+                                       at::ArrayRef<double> bn_eps, const std::string& upsample, bool training) {
+  check_input(op, x);
+  check_input(op, features, "features");
+  const int64_t channels = features.size(1);
+  const DfcSizes s = check_dfc_arguments(op, x, conv_weight, horizontal_weight, vertical_weight, channels, upsample);
+  check_features(op, features, x, channels);
+  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {channels, channels, channels});
+  check_training_count(op, x.size(0) * s.pooled_h * s.pooled_w, training);
+  return s;
+}
+
+GhostAttnSizes check_ghost_attn_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
+                                          const at::Tensor& cheap_weight, const at::Tensor& conv_weight,
+                                          const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
+                                          at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
+                                          at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
+                                          const std::string& upsample, bool training) {
+  const GhostSizes ghost = check_ghost_arguments(op, x, primary_weight, cheap_weight, oup);
+  const DfcSizes dfc = check_dfc_arguments(op, x, conv_weight, horizontal_weight, vertical_weight, oup, upsample);
+  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {ghost.init, ghost.cheap, oup, oup, oup});
+  check_training_count(op, ghost.batch * dfc.pooled_h * dfc.pooled_w, training);
+  return {ghost, dfc};
+}
+
 }  // namespace ghostfused

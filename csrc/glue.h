@@ -54,4 +54,26 @@ void check_training_count(const char* op, int64_t count, bool training);
 // grad_out: [N, channels, H, W] like x (dtype, device).
 void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, int64_t channels);
 
+// Every argument of one op (the schemas in ghostfused/ops), checked as above; the CPU kernels and the CUDA glue
+// call these first, forward and backward alike.
+GhostSizes check_ghost_concat_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
+                                        const at::Tensor& cheap_weight, at::TensorList bn_weight,
+                                        at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+                                        at::ArrayRef<double> bn_eps, int64_t oup, bool training);
+DfcSizes check_dfc_attention_arguments(const char* op, const at::Tensor& x, const at::Tensor& features,
+                                       const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+                                       const at::Tensor& vertical_weight, at::TensorList bn_weight,
+                                       at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+                                       at::ArrayRef<double> bn_eps, const std::string& upsample, bool training);
+struct GhostAttnSizes {
+  GhostSizes ghost;
+  DfcSizes dfc;
+};
+GhostAttnSizes check_ghost_attn_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
+                                          const at::Tensor& cheap_weight, const at::Tensor& conv_weight,
+                                          const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
+                                          at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
+                                          at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
+                                          const std::string& upsample, bool training);
+
 }  // namespace ghostfused

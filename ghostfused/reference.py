@@ -3,7 +3,8 @@
 Two halves:
 
 * Modules (``GhostModuleV2``, ``SqueezeExcite``, ``ConvBnAct``, ``GhostBottleneckV2``, ``GhostNetV2``) with the
-  official attribute names, so their state dicts use the official key layout (``blocks.2.0.ghost1.short_conv.2.weight``).
+  official attribute names, so their state dicts use the official key layout
+  (``blocks.2.0.ghost1.short_conv.2.weight``).
 * Functional forms of the three fused operations (``ghost_concat``, ``dfc_attention``, ``ghost_attn``) with the same
   arguments as the ``ghostfused::`` ops. They are the ``eager`` backend, and every other backend is tested against them.
 

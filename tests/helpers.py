@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import ghostfused
 from ghostfused import backends, reference
+from ghostfused.testing import randomize_batch_norms
 
 TOLERANCES = {  # (rtol, atol) for comparing a backend with the eager reference
     torch.float64: (1e-9, 1e-9),
@@ -19,18 +20,6 @@ TOLERANCES = {  # (rtol, atol) for comparing a backend with the eager reference
 def cpu_backends() -> list[str]:
     """Backends that run on CPU tensors here (triton only under the interpreter)."""
     return [b for b in ghostfused.available_backends() if backends.supports_device(b, torch.device("cpu"))]
-
-
-def randomize_batch_norms(module: nn.Module) -> nn.Module:
-    """Non-trivial affine parameters and running statistics for every BatchNorm of ``module``."""
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.normal_(0, 0.2)
-                bn.running_mean.normal_(0, 0.2)
-                bn.running_var.uniform_(0.5, 1.5)
-    return module
 
 
 def ghost_module(inp: int, oup: int, mode: str = "attn", dtype=torch.float64, **kwargs) -> reference.GhostModuleV2:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import ghostfused
 from ghostfused import ops
 
-from helpers import assert_close, assert_modules_match, fused_copy, ghost_module, run_step
+from helpers import assert_close, assert_modules_match, fused_copy, ghost_module
 
 pytestmark = pytest.mark.skipif("cpu" not in ghostfused.available_backends(),
                                 reason="the C++ extension with its cpu kernels is not built")

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ghostfused
 from ghostfused import ops
 
 from helpers import assert_close, assert_modules_match, cpu_backends, fused_copy, ghost_module, run_step

@@ -494,28 +494,13 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::dfc_attention_forward";
 constexpr const char* kBackward = "ghostfused_C::dfc_attention_backward";
 
-DfcSizes check_arguments(const char* op, const at::Tensor& x, const at::Tensor& features,
-                         const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
-                         const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
-                         at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
-                         const std::string& upsample, bool training) {
-  check_input(op, x);
-  check_input(op, features, "features");
-  const int64_t channels = features.size(1);
-  const DfcSizes s = check_dfc_arguments(op, x, conv_weight, horizontal_weight, vertical_weight, channels, upsample);
-  check_features(op, features, x, channels);
-  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {channels, channels, channels});
-  check_training_count(op, x.size(0) * s.pooled_h * s.pooled_w, training);
-  return s;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
     const at::Tensor& x, const at::Tensor& features, const at::Tensor& conv_weight,
     const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
     c10::string_view upsample, bool training) {
-  const DfcSizes s = check_arguments(kForward, x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight,
-                                     bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
+  const DfcSizes s = check_dfc_attention_arguments(kForward, x, features, conv_weight, horizontal_weight,
+    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
   const at::ScalarType dtype = compute_dtype(x);
   const at::Tensor xd = dense(x, dtype), feats = dense(features, dtype);
   at::Tensor out = empty_output(feats.sizes(), feats.options());
@@ -536,8 +521,8 @@ dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& x, const at
                        const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                        at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
                        c10::string_view upsample, bool training) {
-  const DfcSizes s = check_arguments(kBackward, x, features, conv_weight, horizontal_weight, vertical_weight,
-                                     bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
+  const DfcSizes s = check_dfc_attention_arguments(kBackward, x, features, conv_weight, horizontal_weight,
+    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
   check_grad_out(kBackward, grad_out, x, s.channels);
   const at::ScalarType dtype = compute_dtype(x);
   const at::Tensor xd = dense(x, dtype), feats = dense(features, dtype), grad = dense(grad_out, dtype);

@@ -11,23 +11,6 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::ghost_attn_forward";
 constexpr const char* kBackward = "ghostfused_C::ghost_attn_backward";
 
-struct Sizes {
-  GhostSizes ghost;
-  DfcSizes dfc;
-};
-
-Sizes check_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
-                      const at::Tensor& cheap_weight, const at::Tensor& conv_weight,
-                      const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
-                      at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-                      at::ArrayRef<double> bn_eps, int64_t oup, const std::string& upsample, bool training) {
-  const GhostSizes ghost = check_ghost_arguments(op, x, primary_weight, cheap_weight, oup);
-  const DfcSizes dfc = check_dfc_arguments(op, x, conv_weight, horizontal_weight, vertical_weight, oup, upsample);
-  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {ghost.init, ghost.cheap, oup, oup, oup});
-  check_training_count(op, ghost.batch * dfc.pooled_h * dfc.pooled_w, training);
-  return {ghost, dfc};
-}
-
 // The op's five BatchNorms split into the Ghost branch's two and the DFC branch's three.
 std::pair<std::vector<BatchNorm>, std::vector<BatchNorm>> split_batch_norms(std::vector<BatchNorm> bns) {
   return {{bns[0], bns[1]}, {bns[2], bns[3], bns[4]}};
@@ -38,9 +21,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
     at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
     at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training) {
-  const Sizes s = check_arguments(kForward, x, primary_weight, cheap_weight, conv_weight, horizontal_weight,
-                                  vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup,
-                                  std::string(upsample), training);
+  const GhostAttnSizes s = check_ghost_attn_arguments(kForward, x, primary_weight, cheap_weight, conv_weight,
+    horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
+    training);
   auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps));
   const at::ScalarType dtype = compute_dtype(x);
   const at::Tensor xd = dense(x, dtype);
@@ -65,9 +48,9 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                     at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu,
                     c10::string_view upsample, bool training) {
-  const Sizes s = check_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight, horizontal_weight,
-                                  vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup,
-                                  std::string(upsample), training);
+  const GhostAttnSizes s = check_ghost_attn_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight,
+    horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
+    training);
   check_grad_out(kBackward, grad_out, x, oup);
   auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps));
   const at::ScalarType dtype = compute_dtype(x);

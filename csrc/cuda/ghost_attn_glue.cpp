@@ -11,23 +11,6 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::ghost_attn_forward";
 constexpr const char* kBackward = "ghostfused_C::ghost_attn_backward";
 
-struct Sizes {
-  GhostSizes ghost;
-  DfcSizes dfc;
-};
-
-Sizes check_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
-                      const at::Tensor& cheap_weight, const at::Tensor& conv_weight,
-                      const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
-                      at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-                      at::ArrayRef<double> bn_eps, int64_t oup, const std::string& upsample, bool training) {
-  const GhostSizes ghost = check_ghost_arguments(op, x, primary_weight, cheap_weight, oup);
-  const DfcSizes dfc = check_dfc_arguments(op, x, conv_weight, horizontal_weight, vertical_weight, oup, upsample);
-  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {ghost.init, ghost.cheap, oup, oup, oup});
-  check_training_count(op, ghost.batch * dfc.pooled_h * dfc.pooled_w, training);
-  return {ghost, dfc};
-}
-
 // The Ghost branches' two BatchNorms and the DFC branch's three, as the schema lists them.
 struct States {
   GhostState ghost;
@@ -37,7 +20,7 @@ struct States {
 States states(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
               const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
               at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-              at::ArrayRef<double> bn_eps, const Sizes& s, bool relu, bool batch_statistics) {
+              at::ArrayRef<double> bn_eps, const GhostAttnSizes& s, bool relu, bool batch_statistics) {
   std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
   DfcState dfc = dfc_state(x, conv_weight, horizontal_weight, vertical_weight, {bns[2], bns[3], bns[4]}, s.dfc,
                            batch_statistics);
@@ -50,9 +33,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
     at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
     at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training) {
-  const Sizes s = check_arguments(kForward, x, primary_weight, cheap_weight, conv_weight, horizontal_weight,
-                                  vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup,
-                                  std::string(upsample), training);
+  const GhostAttnSizes s = check_ghost_attn_arguments(kForward, x, primary_weight, cheap_weight, conv_weight,
+    horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
+    training);
   const States st = states(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
                            bn_weight, bn_bias, bn_mean, bn_var, bn_eps, s, relu, training);
   const GhostSizes& gs = s.ghost;
@@ -74,9 +57,9 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                     at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu,
                     c10::string_view upsample, bool training) {
-  const Sizes s = check_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight, horizontal_weight,
-                                  vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup,
-                                  std::string(upsample), training);
+  const GhostAttnSizes s = check_ghost_attn_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight,
+    horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
+    training);
   check_grad_out(kBackward, grad_out, x, oup);
   const States st = states(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
                            bn_weight, bn_bias, bn_mean, bn_var, bn_eps, s, relu, false);

@@ -105,22 +105,12 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::ghost_concat_forward";
 constexpr const char* kBackward = "ghostfused_C::ghost_concat_backward";
 
-GhostSizes check_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
-                           const at::Tensor& cheap_weight, at::TensorList bn_weight, at::TensorList bn_bias,
-                           at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
-                           bool training) {
-  const GhostSizes s = check_ghost_arguments(op, x, primary_weight, cheap_weight, oup);
-  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {s.init, s.cheap});
-  check_training_count(op, s.batch * s.height * s.width, training);
-  return s;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
     bool relu, bool training) {
-  const GhostSizes s = check_arguments(kForward, x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var,
-                                       bn_eps, oup, training);
+  const GhostSizes s = check_ghost_concat_arguments(kForward, x, primary_weight, cheap_weight, bn_weight, bn_bias,
+    bn_mean, bn_var, bn_eps, oup, training);
   std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
   const GhostState g = ghost_state(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training);
   at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options());
@@ -134,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_con
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
     at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
     at::ArrayRef<double> bn_eps, int64_t oup, bool relu, bool training) {
-  const GhostSizes s = check_arguments(kBackward, x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean,
-                                       bn_var, bn_eps, oup, training);
+  const GhostSizes s = check_ghost_concat_arguments(kBackward, x, primary_weight, cheap_weight, bn_weight, bn_bias,
+    bn_mean, bn_var, bn_eps, oup, training);
   check_grad_out(kBackward, grad_out, x, s.oup);
   std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
   const GhostState g = ghost_state(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, false);

@@ -48,9 +48,9 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
     """Register ``ghostfused::<name>`` and ``ghostfused::<name>_backward`` with fake kernels and autograd.
 
     arguments: the schema's arguments without ``backend``; num_tensors: how many leading tensors are
-    differentiable; fake_output(*args without backend) -> (out, stats_channels) gives the output's fake tensor and the length of
-    the packed statistics; check_arguments(*args without backend) validates them (ValueError / TypeError naming the
-    argument) and returns the output's channel count. Returns the forward op.
+    differentiable; fake_output(*args without backend) -> (out, stats_channels) gives the output's fake tensor and
+    the length of the packed statistics; check_arguments(*args without backend) validates them (ValueError /
+    TypeError naming the argument) and returns the output's channel count. Returns the forward op.
     """
     names = [argument.split()[-1] for argument in arguments.split(",")]
 

@@ -70,8 +70,8 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
                   training: bool = False, backend: str = "auto") -> Tensor:
     """``features`` times the DFC attention gate computed from ``x``, as one fused op.
 
-    Under ``torch.autocast``, x, features and the convolution weights are cast to the autocast dtype (as eager autocast casts a
-    convolution's arguments); BatchNorm tensors stay as they are (see ``ghostfused.ops.autocast``).
+    Under ``torch.autocast``, x, features and the convolution weights are cast to the autocast dtype (as eager
+    autocast casts a convolution's arguments); BatchNorm tensors stay as they are (see ``ghostfused.ops.autocast``).
 
     Args:
         x: [N, Cin, H, W] with H, W >= 2, float16 / bfloat16 / float32 / float64, contiguous or channels_last.

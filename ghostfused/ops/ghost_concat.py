@@ -4,7 +4,6 @@
 every backend writes both branches straight into their channel ranges of one output.
 """
 
-import torch
 from torch import Tensor
 
 from .. import backends

@@ -37,9 +37,9 @@ FLOP/B ridge. Every module is memory-bound, so the choice is decided by bytes mo
   write and read the pooled Cin / 4) and, in training, the moments need another read of y1 and z0.
 
 The fused form saves Cin + Cin / 2 (+ init + oup / 4 in training) channels per pixel: for 24 -> 72, 36 (eval) or
-90 (training) against the 96 of the floor; and its K = Cin (24 to 160) suits tl.dot. The alternative would replace ``_project`` (whose outputs,
-raw y1 and z0 plus moments, are exactly what the GEMMs would produce) by torch.matmul calls, a pooling and a
-moments kernel; it is not kept as a flag here (no dead code) until a measurement asks for it.
+90 (training) against the 96 of the floor; and its K = Cin (24 to 160) suits tl.dot. The alternative would replace
+``_project`` (whose outputs, raw y1 and z0 plus moments, are exactly what the GEMMs would produce) by torch.matmul
+calls, a pooling and a moments kernel; it is not kept as a flag here (no dead code) until a measurement asks for it.
 """
 
 import functools
@@ -637,8 +637,9 @@ def _project_grad_kernel(dpre1, y1, primary_w, pw, pb, pm, pv, peps, p_gb, p_gw,
           key=["N", "CIN", "INIT", "C_DFC", "H", "W"], interpreted=triton.Config({"BC": 32, "BK": 32}))
 @triton.jit
 def _project_weight_grad_kernel(x, dpre1, y1, pw, pb, pm, pv, peps, p_gb, p_gw, dz0n, z0, zw, zb, zm, zv, zeps,
-                                z_gb, z_gw, part, SPLIT, N, CIN, H, W, INIT, C_DFC, TRAINING: tl.constexpr, CL: tl.constexpr,
-                                ACC: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+                                z_gb, z_gw, part, SPLIT, N, CIN, H, W, INIT, C_DFC, TRAINING: tl.constexpr,
+                                CL: tl.constexpr, ACC: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr,
+                                BK: tl.constexpr):
     """Split-K partials of the [primary_w; conv_w] gradients: row c * CIN + k, column = this program's split."""
     primary_blocks = tl.cdiv(INIT, BC)
     is_primary = tl.program_id(0) < primary_blocks
@@ -808,8 +809,9 @@ def forward(x: torch.Tensor, ghost: Ghost | None, dfc: Dfc | None, features: tor
                                 + triton.cdiv(c_out - sz.init, meta["BC"]), cells.tiles)](
         out, *_ghost_args(x, ghost, y1), features.contiguous(memory_format=sz.fmt) if features is not None else x,
         z2 if dfc else x, *_bn(dfc.bns[2] if dfc else None, x), cells.tables.children,
-        cells.tables.lam_r, cells.tables.lam_c, sz.n, sz.H, sz.W, cells.h, cells.w, sz.init, sz.m, c_out, DW=sz.dw, RELU=sz.relu,
-        GHOST=ghost is not None, HAS_GATE=dfc is not None, BILINEAR=dfc is not None and dfc.upsample == "bilinear",
+        cells.tables.lam_r, cells.tables.lam_c, sz.n, sz.H, sz.W, cells.h, cells.w, sz.init, sz.m, c_out, DW=sz.dw,
+        RELU=sz.relu, GHOST=ghost is not None, HAS_GATE=dfc is not None,
+        BILINEAR=dfc is not None and dfc.upsample == "bilinear",
         CL=sz.cl, ACC=sz.acc, TB=tap_block(sz.dw * sz.dw), CH=cells.ch, BQ=cells.block)
     return out, stats_mean, stats_var
 
@@ -886,8 +888,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
         cells.tables.children, cells.tables.lam_r, cells.tables.lam_c, dpre2, y2,
         grads.features if features is not None else x, gate_parts, partials.buffer, partials.t_max, 2 * sz.new, sz.n,
         sz.H, sz.W, cells.h, cells.w, sz.init, sz.new, sz.m, c_out, DW=sz.dw, RELU=sz.relu, GHOST=ghost is not None,
-        HAS_GATE=dfc is not None, BILINEAR=bilinear, TRAINING=training, CL=sz.cl, ACC=sz.acc, TB=tap_block(sz.dw * sz.dw),
-        CH=cells.ch, BQ=cells.block)
+        HAS_GATE=dfc is not None, BILINEAR=bilinear, TRAINING=training, CL=sz.cl, ACC=sz.acc,
+        TB=tap_block(sz.dw * sz.dw), CH=cells.ch, BQ=cells.block)
     if bilinear:
         _gate_grad_kernel[lambda meta: (triton.cdiv(sz.c, meta["BC"]), sz.quarter_tiles)](
             gate_parts, z2, *gate_bn, dz2n, partials.buffer, partials.t_max, 2 * sz.new, sz.n, sz.c, sz.h, sz.w,

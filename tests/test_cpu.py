@@ -148,18 +148,24 @@ def test_float32_and_reduced_precision(op, dtype):
     assert_close(actual.float(), expected, dtype, "output")
 
 
-def _run_all(op, threads, seed=0):
+# (Cin, oup, H, W) of the determinism test. Large planes: > 4096 positions per sample (several weight-gradient
+# chunks) and 71 channels (several DFC channel blocks at 2 threads, one at 1 thread). Small planes with many
+# channels: the shape of ghostnetv2's last stages, where a library GEMM is most tempted to split its reduction
+# over threads (oneDNN's 1x1 convolution does, and was rejected for that: see csrc/cpu/common.cpp).
+DETERMINISM_SHAPES = {"large-planes": (8, 71, 70, 66), "small-planes-many-channels": (128, 256, 9, 13)}
+
+
+def _run_all(op, threads, shape, seed=0):
     """Outputs, gradients and running statistics of two training steps and one eval step, at ``threads``."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        # > 4096 positions per sample: several weight-gradient chunks; 71 channels: several DFC channel blocks at
-        # 2 threads, one at 1 thread.
-        module = _module(op, 8, 71, torch.float32, dfc_kernel_size=5).train()
-        x = torch.randn(3, 8, 70, 66)
-        features = torch.randn(3, 71, 70, 66)
-        grad = torch.randn(3, 71, 70, 66)
+        cin, oup, h, w = DETERMINISM_SHAPES[shape]
+        module = _module(op, cin, oup, torch.float32, dfc_kernel_size=5).train()
+        x = torch.randn(3, cin, h, w)
+        features = torch.randn(3, oup, h, w)
+        grad = torch.randn(3, oup, h, w)
         results = []
         for training in (True, True, False):
             module.train(training)
@@ -196,10 +202,27 @@ def test_wide_modules_at_two_threads(op, batch, training):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_bitwise_deterministic_across_runs_and_thread_counts(op):
-    one = _run_all(op, threads=1)
-    two = _run_all(op, threads=2)
-    again = _run_all(op, threads=2)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_many_channels_on_small_planes_in_float32(op, training):
+    """float32 at batch 3, 128 -> 256 channels on 9x13 planes: wide 1x1 convolutions (forward and transposed) on
+    few pixels, the regime of ghostnetv2's last stages."""
+    module = _module(op, 128, 256, torch.float32).train(training)
+    fused = fused_copy(module, "eager")
+    x, features, grad = torch.randn(3, 128, 9, 13), torch.randn(3, 256, 9, 13), torch.randn(3, 256, 9, 13)
+    expected, expected_grads = _step(op, module, x, features, grad, training, fused=False)
+    actual, actual_grads = _step(op, fused, x, features, grad, training, fused=True)
+    assert_close(actual, expected, torch.float32, "output")
+    for a, e in zip(actual_grads, expected_grads):
+        assert_close(a, e, torch.float32, "gradient")
+    assert_modules_match(module, fused, torch.float32)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", DETERMINISM_SHAPES)
+def test_bitwise_deterministic_across_runs_and_thread_counts(op, shape):
+    one = _run_all(op, threads=1, shape=shape)
+    two = _run_all(op, threads=2, shape=shape)
+    again = _run_all(op, threads=2, shape=shape)
     assert len(one) == len(two) == len(again)
     for i, (a, b, c) in enumerate(zip(one, two, again)):
         assert torch.equal(b, c), f"result {i} differs between two runs"

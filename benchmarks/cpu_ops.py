@@ -10,7 +10,11 @@ call by call, and the table shows medians and their ratio:
 
 ``--overhead`` also times, at batch 1 in eval, the public op (validation + custom-op dispatch + autograd wrapper)
 against the raw ``torch.ops.ghostfused_C.<op>_forward`` kernel, to show the cost of the Python path.
-``--model`` adds ghostnetv2_100 inference (batch 1 and 8) and a training step (batch 8: forward, backward, SGD).
+``--model`` adds ghostnetv2_100 inference (batch 1 and 8) and a training step (batch 8: forward, backward, SGD):
+eager in NCHW (the baseline) and in channels_last, the fused cpu backend, and for inference ONNX Runtime running the
+exported eager model (when onnxruntime is installed);
+``--profile`` splits the fused model's time in those three phases into the fused kernels' own work, the GEMMs they
+call and everything else.
 
 The machine may be shared: figures are medians of interleaved runs, and ratios are what to compare. With
 ``--threads 1 --cpu-time`` the clock is the process's CPU time, which other processes on the machine do not inflate
@@ -21,6 +25,7 @@ The machine may be shared: figures are medians of interleaved runs, and ratios a
 
 import argparse
 import copy
+import io
 import statistics
 import time
 
@@ -155,41 +160,114 @@ def overhead_table(repeats) -> list[str]:
     return lines
 
 
+def onnx_runtime_session(model, batch: int, threads: int):
+    """An ONNX Runtime session of ``model`` (eval) exported at ``batch`` with the legacy exporter, or None when
+    onnxruntime is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(batch, 3, 224, 224),), buffer, dynamo=False, input_names=["x"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
 def model_table(repeats) -> list[str]:
-    lines = [f"{'model':<26} {'eager ms':>9} {'cpu ms':>8} {'speedup':>8}"]
+    """ghostnetv2_100 inference (batch 1 and 8) and a training step (batch 8), interleaved: eager PyTorch in NCHW
+    (the baseline of every ratio) and in channels_last, the fused cpu backend, and (inference) ONNX Runtime running
+    the exported eager model."""
     eager = randomize_batch_norms(ghostnetv2(1.0, backend=None))
+    eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
+    names = ["eager", "eager-cl", "cpu", "onnxruntime"]
+    lines = [f"{'model':<22}" + "".join(f"{name + ' ms':>16}" for name in names)
+             + "".join(f"{name + ' x':>14}" for name in names[1:])]
+
+    def row(label, t):
+        ms = "".join(f"{t[n] * 1e3:>16.2f}" if n in t else f"{'-':>16}" for n in names)
+        ratios = "".join(f"{t['eager'] / t[n]:>13.2f}x" if n in t else f"{'-':>14}" for n in names[1:])
+        return f"{label:<22}{ms}{ratios}"
+
+    for model in (eager, eager_cl, fused):
+        model.eval()
     for batch in (1, 8):
         x = torch.randn(batch, 3, 224, 224)
-        eager.eval()
-        fused.eval()
+        x_cl = x.contiguous(memory_format=torch.channels_last)
 
-        def infer(model):
+        def infer(model, inp):
             def run():
                 with torch.no_grad():
-                    model(x)
+                    model(inp)
             return run
 
-        t = side_by_side({"eager": infer(eager), "cpu": infer(fused)}, repeats)
-        lines.append(f"{f'inference batch {batch}':<26} {t['eager'] * 1e3:>9.2f} {t['cpu'] * 1e3:>8.2f} "
-                     f"{t['eager'] / t['cpu']:>7.2f}x")
+        calls = {"eager": infer(eager, x), "eager-cl": infer(eager_cl, x_cl), "cpu": infer(fused, x)}
+        session = onnx_runtime_session(eager, batch, torch.get_num_threads())
+        if session is not None:
+            feed = {"x": x.numpy()}
+            calls["onnxruntime"] = lambda: session.run(None, feed)
+        lines.append(row(f"inference batch {batch}", side_by_side(calls, repeats)))
     x = torch.randn(8, 3, 224, 224)
     target = torch.randint(0, 1000, (8,))
 
-    def train(model):
+    def train(model, inp):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def run():
             optimizer.zero_grad()
-            F.cross_entropy(model(x), target).backward()
+            F.cross_entropy(model(inp), target).backward()
             optimizer.step()
         return run
 
-    eager.train()
-    fused.train()
-    t = side_by_side({"eager": train(eager), "cpu": train(fused)}, max(3, repeats // 2))
-    lines.append(f"{'training step batch 8':<26} {t['eager'] * 1e3:>9.2f} {t['cpu'] * 1e3:>8.2f} "
-                 f"{t['eager'] / t['cpu']:>7.2f}x")
+    for model in (eager, eager_cl, fused):
+        model.train()
+    calls = {"eager": train(eager, x), "eager-cl": train(eager_cl, x.contiguous(memory_format=torch.channels_last)),
+             "cpu": train(fused, x)}
+    lines.append(row("training step batch 8", side_by_side(calls, max(3, repeats // 2))))
+    return lines
+
+
+def profile_table(repeats) -> list[str]:
+    """Where the fused model's time goes (torch.profiler, ghostnetv2_100 on the cpu backend): inference at batch 1
+    and 8 and a training step at batch 8, split into the fused kernels' own work, the GEMMs they call (their 1x1
+    convolutions) and everything else (the unfused layers, autograd, the Python path)."""
+    model = randomize_batch_norms(ghostnetv2(1.0, backend="cpu"))
+    target = torch.randint(0, 1000, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def train_step():
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 3, 224, 224)), target).backward()
+        optimizer.step()
+
+    def inference(batch):
+        x = torch.randn(batch, 3, 224, 224)
+
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+
+    lines = [f"{'phase':<22} {'ms/iter':>8} {'fused kernels':>14} {'their GEMMs':>12} {'everything else':>16}"]
+    for name, training, run in (("inference batch 1", False, inference(1)), ("inference batch 8", False, inference(8)),
+                                ("training step batch 8", True, train_step)):
+        model.train(training)
+        iters = max(3, repeats // 3)
+        run()
+        with torch.profiler.profile() as prof:
+            start = CLOCK()
+            for _ in range(iters):
+                run()
+            total = (CLOCK() - start) / iters
+        kernels = [e for e in prof.key_averages() if e.key.startswith("ghostfused_C::")]
+        fused_total = sum(e.cpu_time_total for e in kernels) / iters * 1e-6
+        fused_self = sum(e.self_cpu_time_total for e in kernels) / iters * 1e-6
+        gemms = fused_total - fused_self
+        lines.append(f"{name:<22} {total * 1e3:>8.2f} {fused_self * 1e3:>11.2f} ms {gemms * 1e3:>9.2f} ms "
+                     f"{(total - fused_total) * 1e3:>13.2f} ms")
+    lines.append("(wall time under the profiler, which adds its own cost to every op; the split is what to read)")
     return lines
 
 
@@ -200,6 +278,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--overhead", action="store_true", help="time the Python path around the kernels")
     parser.add_argument("--model", action="store_true", help="also time ghostnetv2_100 inference and training")
+    parser.add_argument("--profile", action="store_true",
+                        help="split the fused model's time into fused kernels, their GEMMs and the rest")
     parser.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     parser.add_argument("--cpu-time", action="store_true", help="time with the process CPU time (needs --threads 1)")
     args = parser.parse_args()
@@ -219,6 +299,8 @@ def main():
         print("\n".join(overhead_table(args.repeats)))
     if args.model:
         print("\n".join(model_table(args.repeats)))
+    if args.profile:
+        print("\n".join(profile_table(args.repeats)))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ call by call, and the table shows medians and their ratio:
 ``--overhead`` also times, at batch 1 in eval, the public op (validation + custom-op dispatch + autograd wrapper)
 against the raw ``torch.ops.ghostfused_C.<op>_forward`` kernel, to show the cost of the Python path.
 ``--model`` adds ghostnetv2_100 inference (batch 1 and 8) and a training step (batch 8: forward, backward, SGD):
-eager in NCHW (the baseline) and in channels_last, the fused cpu backend, and for inference ONNX Runtime running the
-exported eager model (when onnxruntime is installed);
+eager and the fused cpu backend, each in NCHW and in channels_last (eager NCHW is the baseline), and for inference
+ONNX Runtime running the exported eager model (when onnxruntime is installed);
 ``--profile`` splits the fused model's time in those three phases into the fused kernels' own work, the GEMMs they
 call and everything else.
 
@@ -177,12 +177,13 @@ def onnx_runtime_session(model, batch: int, threads: int):
 
 def model_table(repeats) -> list[str]:
     """ghostnetv2_100 inference (batch 1 and 8) and a training step (batch 8), interleaved: eager PyTorch in NCHW
-    (the baseline of every ratio) and in channels_last, the fused cpu backend, and (inference) ONNX Runtime running
-    the exported eager model."""
+    (the baseline of every ratio) and in channels_last (-cl), the fused cpu backend in both layouts, and (inference)
+    ONNX Runtime running the exported eager model."""
     eager = randomize_batch_norms(ghostnetv2(1.0, backend=None))
     eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
-    names = ["eager", "eager-cl", "cpu", "onnxruntime"]
+    fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+    names = ["eager", "eager-cl", "cpu", "cpu-cl", "onnxruntime"]
     lines = [f"{'model':<22}" + "".join(f"{name + ' ms':>16}" for name in names)
              + "".join(f"{name + ' x':>14}" for name in names[1:])]
 
@@ -191,7 +192,7 @@ def model_table(repeats) -> list[str]:
         ratios = "".join(f"{t['eager'] / t[n]:>13.2f}x" if n in t else f"{'-':>14}" for n in names[1:])
         return f"{label:<22}{ms}{ratios}"
 
-    for model in (eager, eager_cl, fused):
+    for model in (eager, eager_cl, fused, fused_cl):
         model.eval()
     for batch in (1, 8):
         x = torch.randn(batch, 3, 224, 224)
@@ -203,7 +204,8 @@ def model_table(repeats) -> list[str]:
                     model(inp)
             return run
 
-        calls = {"eager": infer(eager, x), "eager-cl": infer(eager_cl, x_cl), "cpu": infer(fused, x)}
+        calls = {"eager": infer(eager, x), "eager-cl": infer(eager_cl, x_cl), "cpu": infer(fused, x),
+                 "cpu-cl": infer(fused_cl, x_cl)}
         session = onnx_runtime_session(eager, batch, torch.get_num_threads())
         if session is not None:
             feed = {"x": x.numpy()}
@@ -221,10 +223,11 @@ def model_table(repeats) -> list[str]:
             optimizer.step()
         return run
 
-    for model in (eager, eager_cl, fused):
+    for model in (eager, eager_cl, fused, fused_cl):
         model.train()
-    calls = {"eager": train(eager, x), "eager-cl": train(eager_cl, x.contiguous(memory_format=torch.channels_last)),
-             "cpu": train(fused, x)}
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    calls = {"eager": train(eager, x), "eager-cl": train(eager_cl, x_cl), "cpu": train(fused, x),
+             "cpu-cl": train(fused_cl, x_cl)}
     lines.append(row("training step batch 8", side_by_side(calls, max(3, repeats // 2))))
     return lines
 

@@ -117,6 +117,28 @@ def test_ghost_options(op, options, oup):
         assert_close(a, e, dtype, "gradient")
 
 
+@pytest.mark.parametrize("op", ["ghost_concat", "ghost_attn"])
+@pytest.mark.parametrize("options", [dict(), dict(dw_size=1), dict(dw_size=5, ratio=3), dict(dw_size=7, ratio=4),
+                                     dict(relu=False, upsample="bilinear", dfc_kernel_size=3)],
+                         ids=["default", "dw1", "dw5-ratio3", "dw7-ratio4", "norelu-bilinear-k3"])
+@pytest.mark.parametrize("oup", [7, 8])
+@pytest.mark.parametrize("shape", [(1, 9, 13), (3, 6, 5), (2, 2, 3)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last_eval_forward(op, options, oup, shape, dtype):
+    """Eval mode with a channels_last x runs NHWC end to end (ghost_forward_nhwc, the DFC pool read NHWC): the
+    output, written once into a NaN-poisoned channels_last tensor, against the reference in both layouts."""
+    n, h, w = shape
+    module = _module(op, 5, oup, dtype, **options).eval()
+    fused = fused_copy(module, "eager")
+    x = torch.randn(n, 5, h, w, dtype=dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = module(x)
+        actual = _call(op, fused, x_cl, None, training=False)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert_close(actual, expected, dtype, "output")
+
+
 @pytest.mark.parametrize("op", ["dfc_attention", "ghost_attn"])
 @pytest.mark.parametrize("kernel", [1, 3, 5, 7, 9, 11, 13, 15])
 @pytest.mark.parametrize("upsample", ["nearest", "bilinear"])

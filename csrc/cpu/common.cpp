@@ -2,6 +2,8 @@
 
 #include <ATen/ThreadLocalState.h>
 
+#include <algorithm>
+
 namespace ghostfused::cpu {
 
 at::ScalarType compute_dtype(const at::Tensor& x) {
@@ -10,6 +12,14 @@ at::ScalarType compute_dtype(const at::Tensor& x) {
 
 at::Tensor dense(const at::Tensor& t, at::ScalarType dtype) {
   return t.detach().to(dtype).contiguous();
+}
+
+at::Tensor dense_channels_last(const at::Tensor& t, at::ScalarType dtype) {
+  return t.detach().to(dtype).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+bool takes_nhwc_path(const at::Tensor& x, bool training) {
+  return !training && memory_format_of(x) == at::MemoryFormat::ChannelsLast;
 }
 
 at::Tensor as_output(const at::Tensor& out, const at::Tensor& x) {
@@ -185,6 +195,26 @@ at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight) {
     at::mm_out(out0, weight, x[0]);
   } else if (batch > 1) {
     at::bmm_out(out, weight.expand({batch, weight.size(0), weight.size(1)}), x);
+  }
+  return out;
+}
+
+at::Tensor pixels_gemm(const at::Tensor& pixels, const at::Tensor& weight) {
+  // At most 16 chunks of at least 64 pixels (a multiple of 16), whatever the thread count: enough to share between
+  // threads, few enough that the cost per GEMM call (tens of microseconds) stays small next to the work.
+  const int64_t count = pixels.size(0);
+  const int64_t chunk = std::max<int64_t>((count + 16 * 16 - 1) / (16 * 16) * 16, 64);
+  const int64_t chunks = (count + chunk - 1) / chunk;
+  at::Tensor out = at::empty({weight.size(0), count}, pixels.options());
+  // As in conv1x1_weight_grad: each GEMM runs single-threaded inside the parallel region.
+  const int threads = std::max(1, at::get_num_threads());
+  const at::ThreadLocalState state;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const at::ThreadLocalStateGuard guard(state);
+    const int64_t begin = c * chunk, length = std::min(chunk, count - begin);
+    at::Tensor part = out.narrow(1, begin, length);
+    at::mm_out(part, weight, pixels.narrow(0, begin, length).t());
   }
   return out;
 }

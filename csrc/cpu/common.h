@@ -7,6 +7,8 @@
 // output rows it reaches, reading the input shifted by (a - pad) rows and (b - pad) columns; the columns a shift
 // would wrap into the neighbouring row are read from a copy of the input with those columns zeroed
 // (ShiftedColumns). The quarter-resolution DFC gate is NHWC ([N, h * w, C]), vectorised over channels.
+// Eval-mode forwards of channels_last inputs stay NHWC at full resolution too (ghost_forward_nhwc): one GEMM over
+// all pixels, loops vectorised over channels, no layout copy of x or of the output.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +31,12 @@ at::ScalarType compute_dtype(const at::Tensor& x);
 
 // t detached, in dtype, dense NCHW (a copy only when needed).
 at::Tensor dense(const at::Tensor& t, at::ScalarType dtype);
+
+// t detached, in dtype, dense channels_last (a copy only when needed).
+at::Tensor dense_channels_last(const at::Tensor& t, at::ScalarType dtype);
+
+// Whether the eval-mode forward takes the NHWC path: x is channels_last (ghostfused.reference.memory_format_of).
+bool takes_nhwc_path(const at::Tensor& x, bool training);
 
 // A kernel's output computed in NCHW and the compute dtype, returned in x's dtype and layout.
 at::Tensor as_output(const at::Tensor& out, const at::Tensor& x);
@@ -278,6 +286,12 @@ struct Gate {
   // plane[h * w] += the transposed upsampling of grad[(i - row0) * W + j], i in [row0, row1).
   void reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const;
 };
+
+// [out, P] = weight[out, in] @ pixels[P, in]^T: a 1x1 convolution of P NHWC pixels as one GEMM over all of them
+// (this orientation measured as fast or faster than pixels @ weight^T for every shape of ghostnetv2_100, 3x for
+// 16 -> 8 channels), split into chunks of pixels that depend on P only, each a single-threaded GEMM, so that the
+// result does not depend on the thread count.
+at::Tensor pixels_gemm(const at::Tensor& pixels, const at::Tensor& weight);
 
 // [batch, out, size] = weight[out, in] @ x[batch, in, size]: a 1x1 convolution as one (batched) GEMM.
 at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight);

@@ -11,6 +11,7 @@ namespace {
 // Channels per task of the quarter-resolution passes (tasks are (sample, channel block) pairs).
 constexpr int64_t kChannelBlock = 128;
 
+// [N, Cin, h * w] = the 2x2 average pool of x [N, Cin, H, W], dense NCHW.
 template <typename T>
 at::Tensor average_pool(const at::Tensor& x, int64_t batch, int64_t channels, int64_t height, int64_t width) {
   const int64_t h = pooled_size(height), w = pooled_size(width);
@@ -29,6 +30,30 @@ at::Tensor average_pool(const at::Tensor& x, int64_t batch, int64_t channels, in
       }
   });
   return pooled;
+}
+
+// The same pool of x dense channels_last, computed and stored NHWC: the [N, Cin, h * w] result is a transposed view
+// of [N, h * w, Cin] (conv1x1_nhwc reads it as the GEMM's row-major left operand).
+template <typename T>
+at::Tensor average_pool_nhwc(const at::Tensor& x, int64_t batch, int64_t channels, int64_t height, int64_t width) {
+  const int64_t h = pooled_size(height), w = pooled_size(width);
+  at::Tensor pooled = at::empty({batch, h * w, channels}, x.options());
+  const T* src = x.template data_ptr<T>();
+  T* dst = pooled.template data_ptr<T>();
+  at::parallel_for(0, batch * h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / h, i = row % h;
+      for (int64_t j = 0; j < w; ++j) {
+        const T* top = src + ((n * height + 2 * i) * width + 2 * j) * channels;
+        const T* bottom = top + width * channels;
+        T* out = dst + (row * w + j) * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c)
+          out[c] = average_2x2(top[c], top[channels + c], bottom[c], bottom[channels + c]);
+      }
+    }
+  });
+  return pooled.transpose(1, 2);
 }
 
 // [N, L, C] = x^T @ weight^T for x [N, Cin, L] (NCHW) and weight [C, Cin]: the 1x1 convolution with an NHWC output,
@@ -271,7 +296,9 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   g.horizontal_taps = dense(horizontal_weight, dtype).view({channels, k}).t().contiguous();
   g.vertical_taps = dense(vertical_weight, dtype).view({channels, k}).t().contiguous();
   g.bns = std::move(bns);
-  g.pooled = average_pool<T>(dense(x, dtype), g.batch, g.in_channels, g.height, g.width);
+  g.pooled = x.scalar_type() == dtype && memory_format_of(x) == at::MemoryFormat::ChannelsLast
+                 ? average_pool_nhwc<T>(x, g.batch, g.in_channels, g.height, g.width)
+                 : average_pool<T>(dense(x, dtype), g.batch, g.in_channels, g.height, g.width);
   g.z0 = conv1x1_nhwc(g.pooled, g.conv_weight);
   g.gate = at::empty({g.batch, channels, q.size}, g.z0.options());
   const T* z0 = g.z0.template data_ptr<T>();

@@ -16,7 +16,7 @@ struct DfcGate {
   at::Tensor conv_weight;        // [C, Cin]
   at::Tensor horizontal_taps;    // [K, C]: tap b of every channel contiguous
   at::Tensor vertical_taps;      // [K, C]
-  at::Tensor pooled;             // [N, Cin, h * w]: 2x2 average pool of x
+  at::Tensor pooled;             // [N, Cin, h * w]: 2x2 average pool of x (NHWC strides for a channels_last x)
   at::Tensor z0, z1, z2;         // [N, h * w, C]: the three convolutions (z1, z2 kept only when asked)
   at::Tensor gate;               // [N, C, h * w]
   std::vector<BatchNorm> bns;    // conv, horizontal, vertical: with the statistics they normalise with

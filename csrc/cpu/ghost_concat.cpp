@@ -99,7 +99,8 @@ GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const
   T* dv = sc.dy.values();
   if (gate == nullptr) {
 #pragma omp simd
-    for (int64_t q = 0; q < size; ++q) dv[q] = activation_backward(go[q], activate(bn.scale * y2[q] + bn.shift, relu), relu);
+    for (int64_t q = 0; q < size; ++q)
+      dv[q] = activation_backward(go[q], activate(bn.scale * y2[q] + bn.shift, relu), relu);
   } else {
     gate->values(n, och, 0, s.height, sc.gate.data());
     const T* gv = sc.gate.data();
@@ -223,6 +224,146 @@ void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   });
 }
 
+namespace {
+
+// Elements of act(BN0(y1)) per row block of ghost_forward_nhwc (rows times W times init), halo rows included.
+constexpr int64_t kNhwcBlockElements = 32768;
+
+// gv[c] = the upsampled gate at full-resolution pixel (i, j) of sample n, for every channel c, from the gate stored
+// NHWC at quarter resolution (gq [N, h * w, C]); the same arithmetic as Gate::values. Returns the values' address
+// (for 'nearest', the stored gate row itself).
+template <typename T>
+const T* gate_pixel(const Gate<T>& gate, const T* gq, int64_t n, int64_t i, int64_t j, T* gv) {
+  const int64_t channels = gate.channels;
+  const T* base = gq + n * gate.h * gate.w * channels;
+  if (gate.nearest) return base + (gate.row_source[i] * gate.w + gate.col_source[j]) * channels;
+  const BilinearTap<T> r = gate.row_taps[i], t = gate.col_taps[j];
+  const T* a = base + (r.i0 * gate.w + t.i0) * channels;
+  const T* b = base + (r.i0 * gate.w + t.i1) * channels;
+  const T* c = base + (r.i1 * gate.w + t.i0) * channels;
+  const T* d = base + (r.i1 * gate.w + t.i1) * channels;
+#pragma omp simd
+  for (int64_t ch = 0; ch < channels; ++ch)
+    gv[ch] = r.w0 * (t.w0 * a[ch] + t.w1 * b[ch]) + r.w1 * (t.w0 * c[ch] + t.w1 * d[ch]);
+  return gv;
+}
+
+}  // namespace
+
+template <typename T>
+void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
+                        const BatchNorm& primary_bn, const BatchNorm& cheap_bn, const GhostSizes& s, bool relu,
+                        const Gate<T>* gate, T* out) {
+  const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
+  const int64_t H = s.height, W = s.width, init = s.init, oup = s.oup, m = s.multiplier;
+  const int64_t kept = oup - init;  // cheap channels that land in the output ([:oup] drops the others)
+  const int64_t k = s.dw, pad = k / 2;
+  const int64_t pixels = s.batch * H * W;
+  const at::Tensor y1_tensor = pixels_gemm(x.permute({0, 2, 3, 1}).reshape({pixels, s.in_channels}),
+                                           dense(primary_weight, dtype).view({init, s.in_channels}));  // [init, P]
+  // [dw * dw, cheap]: one tap of every cheap channel contiguous.
+  const at::Tensor taps_tensor = dense(cheap_weight, dtype).view({s.cheap, k * k}).t().contiguous();
+  const T* y1 = y1_tensor.template data_ptr<T>();
+  const T* taps = taps_tensor.template data_ptr<T>();
+  std::vector<T> scale0(init), shift0(init), scale1(kept), shift1(kept);
+  const std::vector<Affine<T>> bn0 = folded<T>(primary_bn), bn1 = folded<T>(cheap_bn);
+  for (int64_t c = 0; c < init; ++c) {
+    scale0[c] = bn0[c].scale;
+    shift0[c] = bn0[c].shift;
+  }
+  for (int64_t c = 0; c < kept; ++c) {
+    scale1[c] = bn1[c].scale;
+    shift1[c] = bn1[c].shift;
+  }
+  at::Tensor gate_tensor;  // the quarter-resolution gate transposed to NHWC [N, h * w, oup]
+  if (gate != nullptr) {
+    const int64_t size = gate->h * gate->w;
+    gate_tensor = at::empty({s.batch, size, gate->channels}, y1_tensor.options());
+    T* gq = gate_tensor.template data_ptr<T>();
+    for (int64_t n = 0; n < s.batch; ++n)
+      transpose(gate->plane(n, 0), gate->channels, size, size, gq + n * size * gate->channels, gate->channels);
+  }
+  const T* gq = gate != nullptr ? gate_tensor.template data_ptr<T>() : nullptr;
+  const int64_t block = std::clamp<int64_t>(kNhwcBlockElements / std::max<int64_t>(W * init, 1), 1, H);
+  const int64_t blocks = (H + block - 1) / block, row = W * init;
+  // With one cheap channel per primary channel (ratio 2, as in GhostNetV2), cheap channel c reads a1 channel c:
+  // a tap is then one FMA over a whole output row of [W, init] values, with the tap's weights repeated per pixel
+  // (tap_rows), however few the channels. Otherwise a loop per pixel gathers a1 channel c / m.
+  const bool flat = m == 1;
+  std::vector<T> tap_rows(flat && kept > 0 ? k * k * row : 0);
+  for (int64_t t = 0; t < k * k && flat && kept > 0; ++t)
+    for (int64_t q = 0; q < row; ++q) tap_rows[t * row + q] = q % init < kept ? taps[t * s.cheap + q % init] : T(0);
+  at::parallel_for(0, s.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> a1((block + 2 * pad) * row), acc(flat ? row : kept), gv(gate != nullptr ? oup : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, row0 = (task % blocks) * block, row1 = std::min(H, row0 + block);
+      const int64_t lo = kept > 0 ? std::max<int64_t>(0, row0 - pad) : row0;
+      const int64_t hi = kept > 0 ? std::min(H, row1 + pad) : row1;
+      for (int64_t i = lo; i < hi; ++i)  // a1 = act(BN0(y1)) of the block's rows and their halo, as [W, init]
+        for (int64_t c = 0; c < init; ++c) {
+          const T* y = y1 + c * pixels + (n * H + i) * W;
+          T* a = a1.data() + (i - lo) * row + c;
+          const T scale = scale0[c], shift = shift0[c];
+          for (int64_t j = 0; j < W; ++j) a[j * init] = activate(scale * y[j] + shift, relu);
+        }
+      for (int64_t i = row0; i < row1; ++i) {
+        if (flat && kept > 0) {  // acc[j * init + c] = the cheap convolution of channel c at (i, j)
+          T* sum = acc.data();
+          std::fill(acc.begin(), acc.end(), T(0));
+          for (int64_t ta = 0; ta < k; ++ta) {
+            const int64_t ii = i + ta - pad;
+            if (ii < 0 || ii >= H) continue;
+            for (int64_t tb = 0; tb < k; ++tb) {
+              const int64_t shift = (tb - pad) * init;  // pixel j reads pixel j + tb - pad
+              const int64_t q0 = std::max<int64_t>(0, -shift), q1 = std::min(row, row - shift);
+              const T* src = a1.data() + (ii - lo) * row + shift;
+              const T* w = tap_rows.data() + (ta * k + tb) * row;
+#pragma omp simd
+              for (int64_t q = q0; q < q1; ++q) sum[q] += w[q] * src[q];
+            }
+          }
+        }
+        for (int64_t j = 0; j < W; ++j) {
+          T* o = out + ((n * H + i) * W + j) * oup;
+          const T* a = a1.data() + (i - lo) * row + j * init;
+          const T* g = gate != nullptr ? gate_pixel(*gate, gq, n, i, j, gv.data()) : nullptr;
+          if (g == nullptr) {
+            std::copy(a, a + init, o);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < init; ++c) o[c] = a[c] * g[c];
+          }
+          if (kept == 0) continue;
+          const T* v = acc.data() + (flat ? j * init : 0);
+          if (!flat) {  // the cheap convolution of this pixel, zero padding
+            std::fill(acc.begin(), acc.end(), T(0));
+            for (int64_t ta = 0; ta < k; ++ta) {
+              const int64_t ii = i + ta - pad;
+              if (ii < 0 || ii >= H) continue;
+              for (int64_t tb = 0; tb < k; ++tb) {
+                const int64_t jj = j + tb - pad;
+                if (jj < 0 || jj >= W) continue;
+                const T* src = a1.data() + (ii - lo) * row + jj * init;
+                const T* w = taps + (ta * k + tb) * s.cheap;
+                for (int64_t c = 0; c < kept; ++c) acc[c] += w[c] * src[c / m];
+              }
+            }
+          }
+          T* o2 = o + init;
+          if (g == nullptr) {
+#pragma omp simd
+            for (int64_t c = 0; c < kept; ++c) o2[c] = activate(scale1[c] * v[c] + shift1[c], relu);
+          } else {
+            const T* g2 = g + init;
+#pragma omp simd
+            for (int64_t c = 0; c < kept; ++c) o2[c] = activate(scale1[c] * v[c] + shift1[c], relu) * g2[c];
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate<T>* gate, T* dgate,
                           bool training) {
@@ -330,7 +471,9 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
   template GhostBranch<T> ghost_branch<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, BatchNorm,    \
                                           BatchNorm, const GhostSizes&, bool, bool);                             \
   template void ghost_write<T>(const GhostBranch<T>&, const Gate<T>*, T*);                                       \
-  template GhostGrads ghost_backward<T>(const GhostBranch<T>&, const T*, const Gate<T>*, T*, bool);
+  template GhostGrads ghost_backward<T>(const GhostBranch<T>&, const T*, const Gate<T>*, T*, bool);              \
+  template void ghost_forward_nhwc<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const BatchNorm&,    \
+                                      const BatchNorm&, const GhostSizes&, bool, const Gate<T>*, T*);
 GHOSTFUSED_INSTANTIATE(float)
 GHOSTFUSED_INSTANTIATE(double)
 #undef GHOSTFUSED_INSTANTIATE
@@ -348,8 +491,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
     bn_mean, bn_var, bn_eps, oup, training);
   std::vector<BatchNorm> bns = batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
   const at::ScalarType dtype = compute_dtype(x);
-  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype));
   at::Tensor mean, var;
+  if (takes_nhwc_path(x, training)) {
+    at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype),
+                                  at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
+      ghost_forward_nhwc<scalar_t>(dense_channels_last(x, dtype), primary_weight, cheap_weight, bns[0], bns[1], s,
+                                   relu, nullptr, out.data_ptr<scalar_t>());
+    });
+    std::tie(mean, var) = packed_statistics({&bns[0], &bns[1]}, x);
+    return {as_output(out, x), mean, var};
+  }
+  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
     const GhostBranch<scalar_t> g =
         ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training);

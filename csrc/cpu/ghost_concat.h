@@ -31,6 +31,16 @@ GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weigh
 template <typename T>
 void ghost_write(const GhostBranch<T>& branch, const Gate<T>* gate, T* out);
 
+// The eval-mode forward for a channels_last x (dense NHWC, compute dtype T), written into out [N, H, W, oup]
+// (dense NHWC): y1 = primary_w @ x^T as one GEMM over all N * H * W pixels (pixels_gemm), then one pass per
+// (sample, row block) computing act(BN0(y1)) for the block and its halo rows, the cheap depthwise convolution
+// vectorised over channels, BN1, act, times the upsampled gate when one is given, each output element stored once.
+// The statistics are the BatchNorms' given mean / var.
+template <typename T>
+void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
+                        const BatchNorm& primary_bn, const BatchNorm& cheap_bn, const GhostSizes& sizes, bool relu,
+                        const Gate<T>* gate, T* out);
+
 // Gradients of a Ghost branch, in the compute dtype.
 struct GhostGrads {
   at::Tensor x;               // [N, Cin, H * W]

@@ -241,14 +241,23 @@ at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input) 
     at::mm_out(out, grad[n].narrow(1, begin, length), input[n].narrow(1, begin, length).t());
   }
   if (chunks <= 1) return chunks == 1 ? partials[0] : partials[0].zero_();
-  const at::Tensor ordered = partials.to(at::kDouble).contiguous();
-  at::Tensor out = at::empty({out_channels, in_channels}, ordered.options());
-  const double* src = ordered.data_ptr<double>();
-  double* dst = out.data_ptr<double>();
-  std::copy(src, src + out_channels * in_channels, dst);
-  for (int64_t chunk = 1; chunk < chunks; ++chunk)
-    for (int64_t i = 0; i < out_channels * in_channels; ++i) dst[i] += src[chunk * out_channels * in_channels + i];
-  return out.to(grad.scalar_type());
+  // The partials summed in chunk order in double, each element by one thread: the same order whatever the
+  // thread count, and no double copy of the partials.
+  const int64_t elements = out_channels * in_channels;
+  at::Tensor out = at::empty({out_channels, in_channels}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "conv1x1_weight_grad", [&] {
+    const scalar_t* src = partials.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, elements, 4096, [&](int64_t begin, int64_t end) {
+      std::vector<double> sum(src + begin, src + end);
+      for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+        const scalar_t* part = src + chunk * elements;
+        for (int64_t i = begin; i < end; ++i) sum[i - begin] += part[i];
+      }
+      for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<scalar_t>(sum[i - begin]);
+    });
+  });
+  return out;
 }
 
 }  // namespace ghostfused::cpu

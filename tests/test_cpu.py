@@ -139,6 +139,27 @@ def test_channels_last_eval_forward(op, options, oup, shape, dtype):
     assert_close(actual, expected, dtype, "output")
 
 
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("shape", [(1, 9, 13), (3, 6, 5), (2, 2, 3)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("features_layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dfc_attention_channels_last_eval(upsample, kernel, shape, features_layout, dtype):
+    """Eval-mode dfc_attention with a channels_last x runs NHWC (features converted if they are not): against the
+    reference, into a NaN-poisoned channels_last output."""
+    n, h, w = shape
+    module = _module("dfc_attention", 5, 7, dtype, dfc_kernel_size=kernel, upsample=upsample).eval()
+    x = torch.randn(n, 5, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    features = torch.randn(n, 7, h, w, dtype=dtype)
+    if features_layout == "channels_last":
+        features = features.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = _reference("dfc_attention", module, x, features)
+        actual = _call("dfc_attention", module, x, features, training=False)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert_close(actual, expected, dtype, "output")
+
+
 @pytest.mark.parametrize("op", ["dfc_attention", "ghost_attn"])
 @pytest.mark.parametrize("kernel", [1, 3, 5, 7, 9, 11, 13, 15])
 @pytest.mark.parametrize("upsample", ["nearest", "bilinear"])

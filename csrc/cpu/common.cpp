@@ -180,6 +180,30 @@ void Gate<T>::reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const 
   }
 }
 
+template <typename T>
+at::Tensor Gate<T>::nhwc(int64_t batch) const {
+  const int64_t size = h * w;
+  at::Tensor out = at::empty({batch, size, channels}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* dst = out.template data_ptr<T>();
+  for (int64_t n = 0; n < batch; ++n) transpose(plane(n, 0), channels, size, size, dst + n * size * channels, channels);
+  return out;
+}
+
+template <typename T>
+const T* Gate<T>::pixel(const T* nhwc_data, int64_t n, int64_t i, int64_t j, T* values) const {
+  const T* base = nhwc_data + n * h * w * channels;
+  if (nearest) return base + (row_source[i] * w + col_source[j]) * channels;
+  const BilinearTap<T> r = row_taps[i], t = col_taps[j];
+  const T* a = base + (r.i0 * w + t.i0) * channels;
+  const T* b = base + (r.i0 * w + t.i1) * channels;
+  const T* c = base + (r.i1 * w + t.i0) * channels;
+  const T* d = base + (r.i1 * w + t.i1) * channels;
+#pragma omp simd
+  for (int64_t ch = 0; ch < channels; ++ch)
+    values[ch] = r.w0 * (t.w0 * a[ch] + t.w1 * b[ch]) + r.w1 * (t.w0 * c[ch] + t.w1 * d[ch]);
+  return values;
+}
+
 template struct Gate<float>;
 template struct Gate<double>;
 

@@ -285,6 +285,11 @@ struct Gate {
   void values(int64_t n, int64_t c, int64_t row0, int64_t row1, T* out) const;
   // plane[h * w] += the transposed upsampling of grad[(i - row0) * W + j], i in [row0, row1).
   void reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const;
+  // The gate of `batch` samples transposed to NHWC [batch, h * w, channels], for pixel().
+  at::Tensor nhwc(int64_t batch) const;
+  // The upsampled gate of every channel at full-resolution pixel (i, j) of sample n, from nhwc()'s data: for
+  // 'nearest' the stored row itself, for 'bilinear' computed into values[channels] (as values() computes it).
+  const T* pixel(const T* nhwc_data, int64_t n, int64_t i, int64_t j, T* values) const;
 };
 
 // [out, P] = weight[out, in] @ pixels[P, in]^T: a 1x1 convolution of P NHWC pixels as one GEMM over all of them

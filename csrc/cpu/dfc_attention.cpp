@@ -252,6 +252,25 @@ void gate_product(const Gate<T>& gate, const T* features, int64_t batch, T* out)
   });
 }
 
+// The same for features and out dense NHWC ([N, H * W, C]): one pass over pixels, vectorised over channels.
+template <typename T>
+void gate_product_nhwc(const Gate<T>& gate, const T* features, int64_t batch, T* out) {
+  const at::Tensor nhwc = gate.nhwc(batch);
+  const T* gq = nhwc.template data_ptr<T>();
+  const int64_t channels = gate.channels;
+  at::parallel_for(0, batch * gate.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> values(channels);
+    for (int64_t row = begin; row < end; ++row)
+      for (int64_t j = 0; j < gate.W; ++j) {
+        const T* g = gate.pixel(gq, row / gate.H, row % gate.H, j, values.data());
+        const T* src = features + (row * gate.W + j) * channels;
+        T* dst = out + (row * gate.W + j) * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) dst[c] = src[c] * g[c];
+      }
+  });
+}
+
 // dfeatures = dout * the upsampled gate; dgate [N, C, h * w] = features * dout reduced to the gate's resolution.
 template <typename T>
 void gate_product_backward(const Gate<T>& gate, const T* grad_out, const T* features, int64_t batch, T* dfeatures,
@@ -529,9 +548,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
   const DfcSizes s = check_dfc_attention_arguments(kForward, x, features, conv_weight, horizontal_weight,
     vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
   const at::ScalarType dtype = compute_dtype(x);
+  at::Tensor mean, var;
+  if (takes_nhwc_path(x, training)) {  // x, features and out stay NHWC
+    const at::Tensor xc = dense_channels_last(x, dtype), feats = dense_channels_last(features, dtype);
+    at::Tensor out = empty_output(feats.sizes(), feats.options(), at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_forward", [&] {
+      const DfcGate<scalar_t> g =
+          dfc_gate<scalar_t>(xc, conv_weight, horizontal_weight, vertical_weight,
+                             batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, false, false);
+      gate_product_nhwc(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
+      std::tie(mean, var) = packed_statistics({&g.bns[0], &g.bns[1], &g.bns[2]}, x);
+    });
+    return {as_output(out, x), mean, var};
+  }
   const at::Tensor xd = dense(x, dtype), feats = dense(features, dtype);
   at::Tensor out = empty_output(feats.sizes(), feats.options());
-  at::Tensor mean, var;
   AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_forward", [&] {
     const DfcGate<scalar_t> g =
         dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,

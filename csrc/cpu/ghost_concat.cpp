@@ -229,25 +229,6 @@ namespace {
 // Elements of act(BN0(y1)) per row block of ghost_forward_nhwc (rows times W times init), halo rows included.
 constexpr int64_t kNhwcBlockElements = 32768;
 
-// gv[c] = the upsampled gate at full-resolution pixel (i, j) of sample n, for every channel c, from the gate stored
-// NHWC at quarter resolution (gq [N, h * w, C]); the same arithmetic as Gate::values. Returns the values' address
-// (for 'nearest', the stored gate row itself).
-template <typename T>
-const T* gate_pixel(const Gate<T>& gate, const T* gq, int64_t n, int64_t i, int64_t j, T* gv) {
-  const int64_t channels = gate.channels;
-  const T* base = gq + n * gate.h * gate.w * channels;
-  if (gate.nearest) return base + (gate.row_source[i] * gate.w + gate.col_source[j]) * channels;
-  const BilinearTap<T> r = gate.row_taps[i], t = gate.col_taps[j];
-  const T* a = base + (r.i0 * gate.w + t.i0) * channels;
-  const T* b = base + (r.i0 * gate.w + t.i1) * channels;
-  const T* c = base + (r.i1 * gate.w + t.i0) * channels;
-  const T* d = base + (r.i1 * gate.w + t.i1) * channels;
-#pragma omp simd
-  for (int64_t ch = 0; ch < channels; ++ch)
-    gv[ch] = r.w0 * (t.w0 * a[ch] + t.w1 * b[ch]) + r.w1 * (t.w0 * c[ch] + t.w1 * d[ch]);
-  return gv;
-}
-
 }  // namespace
 
 template <typename T>
@@ -275,14 +256,7 @@ void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, c
     scale1[c] = bn1[c].scale;
     shift1[c] = bn1[c].shift;
   }
-  at::Tensor gate_tensor;  // the quarter-resolution gate transposed to NHWC [N, h * w, oup]
-  if (gate != nullptr) {
-    const int64_t size = gate->h * gate->w;
-    gate_tensor = at::empty({s.batch, size, gate->channels}, y1_tensor.options());
-    T* gq = gate_tensor.template data_ptr<T>();
-    for (int64_t n = 0; n < s.batch; ++n)
-      transpose(gate->plane(n, 0), gate->channels, size, size, gq + n * size * gate->channels, gate->channels);
-  }
+  const at::Tensor gate_tensor = gate != nullptr ? gate->nhwc(s.batch) : at::Tensor();
   const T* gq = gate != nullptr ? gate_tensor.template data_ptr<T>() : nullptr;
   const int64_t block = std::clamp<int64_t>(kNhwcBlockElements / std::max<int64_t>(W * init, 1), 1, H);
   const int64_t blocks = (H + block - 1) / block, row = W * init;
@@ -326,7 +300,7 @@ void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, c
         for (int64_t j = 0; j < W; ++j) {
           T* o = out + ((n * H + i) * W + j) * oup;
           const T* a = a1.data() + (i - lo) * row + j * init;
-          const T* g = gate != nullptr ? gate_pixel(*gate, gq, n, i, j, gv.data()) : nullptr;
+          const T* g = gate != nullptr ? gate->pixel(gq, n, i, j, gv.data()) : nullptr;
           if (g == nullptr) {
             std::copy(a, a + init, o);
           } else {

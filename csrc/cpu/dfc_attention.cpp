@@ -548,26 +548,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
   const DfcSizes s = check_dfc_attention_arguments(kForward, x, features, conv_weight, horizontal_weight,
     vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
   const at::ScalarType dtype = compute_dtype(x);
+  const bool nhwc = takes_nhwc_path(x, training);  // x, features and out stay NHWC
+  const at::Tensor xd = nhwc ? dense_channels_last(x, dtype) : dense(x, dtype);
+  const at::Tensor feats = nhwc ? dense_channels_last(features, dtype) : dense(features, dtype);
+  at::Tensor out = empty_output(feats.sizes(), feats.options(),
+                                nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   at::Tensor mean, var;
-  if (takes_nhwc_path(x, training)) {  // x, features and out stay NHWC
-    const at::Tensor xc = dense_channels_last(x, dtype), feats = dense_channels_last(features, dtype);
-    at::Tensor out = empty_output(feats.sizes(), feats.options(), at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_forward", [&] {
-      const DfcGate<scalar_t> g =
-          dfc_gate<scalar_t>(xc, conv_weight, horizontal_weight, vertical_weight,
-                             batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, false, false);
-      gate_product_nhwc(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
-      std::tie(mean, var) = packed_statistics({&g.bns[0], &g.bns[1], &g.bns[2]}, x);
-    });
-    return {as_output(out, x), mean, var};
-  }
-  const at::Tensor xd = dense(x, dtype), feats = dense(features, dtype);
-  at::Tensor out = empty_output(feats.sizes(), feats.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_forward", [&] {
     const DfcGate<scalar_t> g =
         dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                            batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, training, false);
-    gate_product(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
+    if (nhwc) {
+      gate_product_nhwc(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
+    } else {
+      gate_product(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
+    }
     std::tie(mean, var) = packed_statistics({&g.bns[0], &g.bns[1], &g.bns[2]}, x);
   });
   return {as_output(out, x), mean, var};

@@ -27,29 +27,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
   auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps));
   const at::ScalarType dtype = compute_dtype(x);
   const GhostSizes& gs = s.ghost;
+  const bool nhwc = takes_nhwc_path(x, training);  // x and out stay NHWC
+  const at::Tensor xd = nhwc ? dense_channels_last(x, dtype) : dense(x, dtype);
+  at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, xd.options(),
+                                nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   at::Tensor mean, var;
-  if (takes_nhwc_path(x, training)) {
-    const at::Tensor xc = dense_channels_last(x, dtype);
-    at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, xc.options(),
-                                  at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_attn_forward", [&] {
-      const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xc, conv_weight, horizontal_weight, vertical_weight,
-                                                     std::move(dfc_bns), s.dfc, false, false);
-      const Gate<scalar_t> gate = g.view();
-      ghost_forward_nhwc<scalar_t>(xc, primary_weight, cheap_weight, ghost_bns[0], ghost_bns[1], gs, relu, &gate,
-                                   out.data_ptr<scalar_t>());
-      std::tie(mean, var) = packed_statistics({&ghost_bns[0], &ghost_bns[1], &g.bns[0], &g.bns[1], &g.bns[2]}, x);
-    });
-    return {as_output(out, x), mean, var};
-  }
-  const at::Tensor xd = dense(x, dtype);
-  at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, xd.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_attn_forward", [&] {
     const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                                                    std::move(dfc_bns), s.dfc, training, false);
+    const Gate<scalar_t> gate = g.view();
+    if (nhwc) {
+      ghost_forward_nhwc<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0], ghost_bns[1], gs, relu, &gate,
+                                   out.data_ptr<scalar_t>());
+      std::tie(mean, var) = packed_statistics({&ghost_bns[0], &ghost_bns[1], &g.bns[0], &g.bns[1], &g.bns[2]}, x);
+      return;
+    }
     const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
                                                            ghost_bns[1], gs, relu, training);
-    const Gate<scalar_t> gate = g.view();
     ghost_write(b, &gate, out.data_ptr<scalar_t>());
     std::tie(mean, var) = packed_statistics({&b.primary_bn, &b.cheap_bn, &g.bns[0], &g.bns[1], &g.bns[2]}, x);
   });

@@ -465,19 +465,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
     bn_mean, bn_var, bn_eps, oup, training);
   std::vector<BatchNorm> bns = batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
   const at::ScalarType dtype = compute_dtype(x);
+  const bool nhwc = takes_nhwc_path(x, training);
+  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype),
+                                nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   at::Tensor mean, var;
-  if (takes_nhwc_path(x, training)) {
-    at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype),
-                                  at::MemoryFormat::ChannelsLast);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
+    if (nhwc) {
       ghost_forward_nhwc<scalar_t>(dense_channels_last(x, dtype), primary_weight, cheap_weight, bns[0], bns[1], s,
                                    relu, nullptr, out.data_ptr<scalar_t>());
-    });
-    std::tie(mean, var) = packed_statistics({&bns[0], &bns[1]}, x);
-    return {as_output(out, x), mean, var};
-  }
-  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
+      std::tie(mean, var) = packed_statistics({&bns[0], &bns[1]}, x);
+      return;
+    }
     const GhostBranch<scalar_t> g =
         ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training);
     ghost_write<scalar_t>(g, nullptr, out.data_ptr<scalar_t>());

@@ -290,10 +290,10 @@ void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, c
             for (int64_t tb = 0; tb < k; ++tb) {
               const int64_t shift = (tb - pad) * init;  // pixel j reads pixel j + tb - pad
               const int64_t q0 = std::max<int64_t>(0, -shift), q1 = std::min(row, row - shift);
-              const T* src = a1.data() + (ii - lo) * row + shift;
+              const T* src = a1.data() + (ii - lo) * row;
               const T* w = tap_rows.data() + (ta * k + tb) * row;
 #pragma omp simd
-              for (int64_t q = q0; q < q1; ++q) sum[q] += w[q] * src[q];
+              for (int64_t q = q0; q < q1; ++q) sum[q] += w[q] * src[q + shift];
             }
           }
         }

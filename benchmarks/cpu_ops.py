@@ -14,7 +14,7 @@ against the raw ``torch.ops.ghostfused_C.<op>_forward`` kernel, to show the cost
 eager and the fused cpu backend, each in NCHW and in channels_last (eager NCHW is the baseline), and for inference
 ONNX Runtime running the exported eager model (when onnxruntime is installed);
 ``--profile`` splits the fused model's time in those three phases into the fused kernels' own work, the GEMMs they
-call and everything else.
+call and everything else; ``--gemm`` times the 1x1 convolution choices of csrc/cpu/common.cpp.
 
 The machine may be shared: figures are medians of interleaved runs, and ratios are what to compare. With
 ``--threads 1 --cpu-time`` the clock is the process's CPU time, which other processes on the machine do not inflate
@@ -274,6 +274,45 @@ def profile_table(repeats) -> list[str]:
     return lines
 
 
+# (Cin, Cout, H) of 1x1 convolutions of ghostnetv2_100 at 224x224: the primary convolutions of the first two
+# 'original' Ghost modules (16 -> 16 and 16 -> 48 at 112x112), and of every 'attn' module with its DFC convolution at
+# quarter resolution (the backward runs them transposed).
+GEMM_SHAPES = sorted({(16, 8, 112), (16, 24, 112)} | {shape for cin, oup, size, _ in ATTN_SHAPES
+                                                     for shape in ((cin, (oup + 1) // 2, size), (cin, oup, size // 2))})
+
+
+def gemm_table(repeats) -> list[str]:
+    """The 1x1 convolution choices, one call each, medians: bmm over the batch (csrc/cpu/common.cpp conv1x1) against
+    oneDNN's NCHW convolution at the current thread count, whether oneDNN's result is bitwise the same at 1 and 2
+    threads; and, single-threaded as pixels_gemm runs them, the two orientations of one GEMM over NHWC pixels."""
+    threads = torch.get_num_threads()
+    lines = [f"{'N':>2} {'Cin':>4} {'Cout':>5} {'HxW':>7} {'bmm us':>8} {'oneDNN us':>10} {'oneDNN/bmm':>11} "
+             f"{'oneDNN same 1|2 thr':>20} {'W@P^T us (1 thr)':>17} {'P@W^T us (1 thr)':>17}"]
+    for batch in (1, 8):
+        for forward in (True, False):
+            for cin, cout, size in GEMM_SHAPES:
+                if not forward:
+                    cin, cout = cout, cin
+                x = torch.randn(batch, cin, size, size)
+                weight = torch.randn(cout, cin, 1, 1)
+                rows, w2 = x.view(batch, cin, size * size), weight.view(cout, cin)
+                out = torch.empty(batch, cout, size * size)
+                t = side_by_side({"bmm": lambda: torch.bmm(w2.expand(batch, cout, cin), rows, out=out),
+                                  "onednn": lambda: F.conv2d(x, weight)}, repeats)
+                torch.set_num_threads(1)
+                one = F.conv2d(x, weight)
+                pixels = x.permute(0, 2, 3, 1).reshape(-1, cin).contiguous()
+                single = side_by_side({"w_pt": lambda: torch.mm(w2, pixels.t()),
+                                       "p_wt": lambda: torch.mm(pixels, w2.t())}, repeats)
+                torch.set_num_threads(2)
+                same = torch.equal(one, F.conv2d(x, weight))
+                torch.set_num_threads(threads)
+                lines.append(f"{batch:>2} {cin:>4} {cout:>5} {size:>3}x{size:<3} {t['bmm'] * 1e6:>8.0f} "
+                             f"{t['onednn'] * 1e6:>10.0f} {t['onednn'] / t['bmm']:>10.2f}x {str(same):>20} "
+                             f"{single['w_pt'] * 1e6:>17.0f} {single['p_wt'] * 1e6:>17.0f}")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -283,6 +322,8 @@ def main():
     parser.add_argument("--model", action="store_true", help="also time ghostnetv2_100 inference and training")
     parser.add_argument("--profile", action="store_true",
                         help="split the fused model's time into fused kernels, their GEMMs and the rest")
+    parser.add_argument("--gemm", action="store_true",
+                        help="the 1x1 convolutions: bmm against oneDNN, and the two NHWC GEMM orientations")
     parser.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     parser.add_argument("--cpu-time", action="store_true", help="time with the process CPU time (needs --threads 1)")
     args = parser.parse_args()
@@ -304,6 +345,8 @@ def main():
         print("\n".join(model_table(args.repeats)))
     if args.profile:
         print("\n".join(profile_table(args.repeats)))
+    if args.gemm:
+        print("\n".join(gemm_table(args.repeats)))
 
 
 if __name__ == "__main__":

@@ -209,9 +209,9 @@ template struct Gate<double>;
 
 at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight) {
   // mm / bmm straight into the dense output (at::matmul may fold the batch through transposes and copy).
-  // oneDNN's 1x1 convolution measured up to 2x faster than bmm at batch 8 on <= 14x14 planes with many channels,
-  // but its result there changes with the thread count (tests/test_cpu.py, small-planes-many-channels), which
-  // this backend promises not to do.
+  // oneDNN's 1x1 convolution took 0.17-0.7x bmm's time at batch 8 on <= 14x14 planes with many channels, but its
+  // result there changes with the thread count (benchmarks/cpu_ops.py --gemm), which this backend promises not to
+  // do; on larger planes it was up to 10x slower.
   const int64_t batch = x.size(0);
   at::Tensor out = at::empty({batch, weight.size(0), x.size(2)}, x.options());
   if (batch == 1) {

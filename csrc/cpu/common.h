@@ -292,10 +292,10 @@ struct Gate {
   const T* pixel(const T* nhwc_data, int64_t n, int64_t i, int64_t j, T* values) const;
 };
 
-// [out, P] = weight[out, in] @ pixels[P, in]^T: a 1x1 convolution of P NHWC pixels as one GEMM over all of them
-// (this orientation measured as fast or faster than pixels @ weight^T for every shape of ghostnetv2_100, 3x for
-// 16 -> 8 channels), split into chunks of pixels that depend on P only, each a single-threaded GEMM, so that the
-// result does not depend on the thread count.
+// [out, P] = weight[out, in] @ pixels[P, in]^T: a 1x1 convolution of P NHWC pixels as one GEMM over all of them,
+// in the orientation that was 3x faster than pixels @ weight^T for ghostnetv2's first module (16 -> 8 channels at
+// 112x112) and within 1.5x of it elsewhere (benchmarks/cpu_ops.py --gemm), split into chunks of pixels that depend
+// on P only, each a single-threaded GEMM, so that the result does not depend on the thread count.
 at::Tensor pixels_gemm(const at::Tensor& pixels, const at::Tensor& weight);
 
 // [batch, out, size] = weight[out, in] @ x[batch, in, size]: a 1x1 convolution as one (batched) GEMM.

@@ -148,7 +148,7 @@ def overhead_table(repeats) -> list[str]:
         def kernel():
             with torch.no_grad():
                 raw(x, p[0].weight, c[0].weight, s[0].weight, s[2].weight, s[4].weight, *lists, oup, True, "nearest",
-                    False)
+                    False, None)
 
         def fused_module():
             with torch.no_grad():

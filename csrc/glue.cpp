@@ -1,5 +1,6 @@
 #include "glue.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -28,6 +29,50 @@ at::MemoryFormat memory_format_of(const at::Tensor& x) {
 
 at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
+// The sum of t over the processes of the group named `group` (a new tensor). The op takes the group as `Any` (a
+// name or a ProcessGroup object).
+at::Tensor all_reduce_sum(const at::Tensor& t, const std::string& group) {
+  static const auto all_reduce = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("_c10d_functional::all_reduce", "")
+                                     .typed<at::Tensor(const at::Tensor&, std::string, const c10::IValue&)>();
+  static const auto wait = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("_c10d_functional::wait_tensor", "")
+                               .typed<at::Tensor(const at::Tensor&)>();
+  return wait.call(all_reduce.call(t.contiguous(), "sum", c10::IValue(group)));
+}
+
+}  // namespace
+
+SyncGroup::SyncGroup(const std::optional<c10::string_view>& name)
+    : name_(name.has_value() ? std::string(*name) : std::string()) {}
+
+double SyncGroup::moments(at::Tensor& mean, at::Tensor& var, double count) const {
+  if (!active()) return count;
+  const int64_t channels = mean.size(0);
+  const at::Tensor sums = all_reduce_sum(at::cat({mean * count, at::full({1}, count, mean.options())}), name_);
+  const double total = sums[channels].item<double>();
+  if (total == 0) {  // no process has values: the statistics of an empty batch (never used)
+    mean.zero_();
+    var.fill_(1);
+    return 0;
+  }
+  const at::Tensor group_mean = sums.narrow(0, 0, channels) / total;
+  const at::Tensor m2 = all_reduce_sum((var + (mean - group_mean).square()) * count, name_);
+  mean.copy_(group_mean);
+  var.copy_(m2 / total);
+  return total;
+}
+
+double SyncGroup::grad_sums(at::Tensor& sums, double count) const {
+  if (!active()) return count;
+  const int64_t size = sums.numel();
+  const at::Tensor total = all_reduce_sum(at::cat({sums.reshape(-1), at::full({1}, count, sums.options())}), name_);
+  sums.copy_(total.narrow(0, 0, size).view(sums.sizes()));
+  return total[size].item<double>();
 }
 
 namespace {

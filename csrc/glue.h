@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,28 @@ at::MemoryFormat memory_format_of(const at::Tensor& x);
 
 // The dtype of BatchNorm statistics and their gradients: float64 for float64 inputs, float32 otherwise.
 at::ScalarType stats_dtype(const at::Tensor& x);
+
+// The torch.distributed process group over whose whole batch training BatchNorms normalise (nn.SyncBatchNorm),
+// named as PyTorch registers it (ProcessGroup.group_name); without one, each process normalises over its own batch.
+// The reductions are sums of float64 tensors over the group by PyTorch's functional collectives
+// (_c10d_functional::all_reduce, on the tensors' device: gloo on CPU, nccl on GPUs); every process of the group
+// must make the same calls in the same order, which the kernels do by reducing each BatchNorm at the same point of
+// the same code whatever their local batch (N = 0 included).
+class SyncGroup {
+ public:
+  explicit SyncGroup(const std::optional<c10::string_view>& name);
+  bool active() const { return !name_.empty(); }
+  // mean, var [C] (float64; biased variance) of count values per channel on this process become the group's, in
+  // place (the mean first, then the squared deviations about it: no cancellation); returns the group's count.
+  // Without a group, nothing changes and count is returned.
+  double moments(at::Tensor& mean, at::Tensor& var, double count) const;
+  // sums [C, 2] (float64: sum dy, sum dy (x - mean) per channel) become the group's, in place; returns the group's
+  // count (count without a group).
+  double grad_sums(at::Tensor& sums, double count) const;
+
+ private:
+  std::string name_;
+};
 
 // Sizes of a Ghost module's primary and cheap branches.
 struct GhostSizes {
@@ -49,13 +72,14 @@ void check_features(const char* op, const at::Tensor& features, const at::Tensor
 void check_batch_norms(const char* op, const at::Tensor& x, at::TensorList bn_weight, at::TensorList bn_bias,
                        at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
                        const std::vector<int64_t>& channels);
-// Training needs more than one value per channel (as nn.BatchNorm2d).
+// Training needs more than one value per channel (as nn.BatchNorm2d). Checked on the local batch only (`training`
+// false with a SyncGroup: the op's Python function checks the group's count).
 void check_training_count(const char* op, int64_t count, bool training);
 // grad_out: [N, channels, H, W] like x (dtype, device).
 void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, int64_t channels);
 
 // Every argument of one op (the schemas in ghostfused/ops), checked as above; the CPU kernels and the CUDA glue
-// call these first, forward and backward alike.
+// call these first, forward and backward alike. `training` as for check_training_count.
 GhostSizes check_ghost_concat_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
                                         const at::Tensor& cheap_weight, at::TensorList bn_weight,
                                         at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,

@@ -3,20 +3,16 @@
 Parameters, buffers, attribute names and state-dict keys are those of ``ghostfused.reference`` (the official
 layout). A configuration the fused ops do not cover (a primary kernel or stride other than 1, an activation other
 than ReLU, a BatchNorm without running statistics) runs the reference forward instead; so does a module whose
-BatchNorms disagree on train / eval mode. A module whose BatchNorms are ``nn.SyncBatchNorm`` is fused in eval mode
-and whenever they normalise over the local batch; while they synchronise across processes (training under
-``torch.distributed`` with more than one process) it runs the eager composition with cross-process BatchNorm
-(``ghostfused.ops.sync_batch_norm``), not the fused ops.
+BatchNorms disagree on train / eval mode, or on the process group they synchronise over. ``nn.SyncBatchNorm``
+layers are fused too: while they synchronise (training under ``torch.distributed`` with more than one process) the
+fused ops normalise over the whole group's batch (``ghostfused.distributed``).
 """
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, ops, reference
 from .ops.batch_norm import is_fusable, sync_process_group
-from .ops.sync_batch_norm import sync_batch_norm
 
 
 def _activation_kind(module: nn.Module) -> str | None:
@@ -124,10 +120,8 @@ class GhostModuleV2(reference.GhostModuleV2):
         cheap, cheap_bn, _ = modules["cheap_operation"]._modules.values()
         short = tuple(modules["short_conv"]._modules.values()) if self.mode == "attn" else ()
         bns = (primary_bn, cheap_bn, *short[1::2])
-        if any(sync_process_group(bn) is not None for bn in bns):
-            return self._forward_synchronised(x)
         training = primary_bn.training
-        if any(bn.training != training for bn in bns):
+        if any(bn.training != training for bn in bns) or len({sync_process_group(bn) for bn in bns}) > 1:
             return super().forward(x)
         relu = isinstance(primary_act, nn.ReLU)
         if self.mode == "original":
@@ -136,26 +130,6 @@ class GhostModuleV2(reference.GhostModuleV2):
         return ops.ghost_attn(x, primary.weight, primary_bn, cheap.weight, cheap_bn, short[0].weight, short[1],
                               short[2].weight, short[3], short[4].weight, short[5], self.oup, relu=relu,
                               upsample=self.upsample, training=training, backend=self.backend)
-
-    def _forward_synchronised(self, x: Tensor) -> Tensor:
-        """The reference forward (not fused) in which each synchronising SyncBatchNorm runs
-        :func:`ghostfused.ops.sync_batch_norm.sync_batch_norm`, on any device (nn.SyncBatchNorm takes GPU tensors
-        only)."""
-
-        def batch_norm(bn: nn.Module, y: Tensor) -> Tensor:
-            group = sync_process_group(bn)
-            return bn(y) if group is None else sync_batch_norm(y, bn, group)
-
-        (primary, primary_bn, primary_act), (cheap, cheap_bn, cheap_act) = self.primary_conv, self.cheap_operation
-        x1 = primary_act(batch_norm(primary_bn, primary(x)))
-        x2 = cheap_act(batch_norm(cheap_bn, cheap(x1)))
-        out = torch.cat([x1, x2], dim=1)[:, :self.oup]
-        if self.mode == "original":
-            return out
-        gate = F.avg_pool2d(x, kernel_size=2, stride=2)
-        for conv, bn in zip(self.short_conv[0::2], self.short_conv[1::2]):
-            gate = batch_norm(bn, conv(gate))
-        return out * reference._upsample(self.gate_fn(gate), out.shape[-2:], self.upsample)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, oup={self.oup}, backend={self.backend!r}"

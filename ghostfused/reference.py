@@ -12,7 +12,9 @@ BatchNorm arguments of the functional forms come as lists, one entry per BatchNo
 them: ``bn_weight``, ``bn_bias`` (affine parameters), ``bn_mean``, ``bn_var`` (running statistics, used in eval mode
 only) and ``bn_eps``. Each functional form returns ``(out, stats_mean, stats_var)``: the statistics every BatchNorm
 normalised with, concatenated over the BatchNorms (batch mean and biased batch variance in training, the running
-statistics in eval), in float32 (float64 for float64 inputs).
+statistics in eval), in float32 (float64 for float64 inputs). The last argument, ``sync_group`` (None by default), names
+a ``torch.distributed`` process group whose whole batch the BatchNorms normalise over in training, as
+``nn.SyncBatchNorm`` does (``ghostfused.distributed``); the statistics returned are then the group's.
 """
 
 import math
@@ -22,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import distributed
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 
@@ -249,9 +253,22 @@ def stats_dtype(x: Tensor) -> torch.dtype:
 
 
 def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float,
-                training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchNorm as ``nn.BatchNorm2d`` computes it; returns ``(y, mean, var)`` of the statistics it used."""
+                training: bool, sync_group: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm as ``nn.BatchNorm2d`` computes it (``nn.SyncBatchNorm`` over the process group named
+    ``sync_group`` in training, when given); returns ``(y, mean, var)`` of the statistics it used."""
     acc = stats_dtype(x)
+    if training and sync_group is not None:
+        if x.numel() == 0:  # nothing to add to the group's sums, but x's backward must take part in the reductions
+            local_mean = x.to(acc).sum(dim=(0, 2, 3))
+            local_var = local_mean + 1
+        else:
+            local_var, local_mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
+        group_mean, group_var, _ = distributed.group_moments(local_mean, local_var, x.numel() // x.shape[1],
+                                                             sync_group)
+        scale = weight.to(acc) * torch.rsqrt(group_var.to(acc) + eps)
+        shift = bias.to(acc) - group_mean.to(acc) * scale
+        y = (x.to(acc) * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+        return y, group_mean.detach().to(acc), group_var.detach().to(acc)
     if training:
         y = F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
         with torch.no_grad():
@@ -268,21 +285,21 @@ def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tens
 
 
 def _ghost_branches(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu,
-                    training):
+                    training, sync_group):
     act = F.relu if relu else (lambda t: t)
     x1, m1, v1 = _batch_norm(F.conv2d(x, primary_weight), bn_weight[0], bn_bias[0], bn_mean[0], bn_var[0],
-                             bn_eps[0], training)
+                             bn_eps[0], training, sync_group)
     x1 = act(x1)
     dw = cheap_weight.shape[-1]
     x2, m2, v2 = _batch_norm(F.conv2d(x1, cheap_weight, padding=dw // 2, groups=primary_weight.shape[0]),
-                             bn_weight[1], bn_bias[1], bn_mean[1], bn_var[1], bn_eps[1], training)
+                             bn_weight[1], bn_bias[1], bn_mean[1], bn_var[1], bn_eps[1], training, sync_group)
     x2 = act(x2)
     out = torch.cat([x1, x2], dim=1)[:, :oup]
     return out, [m1, m2], [v1, v2]
 
 
 def _dfc_gate(x, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps,
-              size, upsample, training):
+              size, upsample, training, sync_group):
     """The DFC gate at full resolution ``size``, and the statistics of its three BatchNorms."""
     k = horizontal_weight.shape[-1]
     channels = conv_weight.shape[0]
@@ -292,7 +309,7 @@ def _dfc_gate(x, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_
                                            (vertical_weight, (k // 2, 0)))):
         if weight is not None:
             z = F.conv2d(z, weight, padding=padding, groups=channels)
-        z, m, v = _batch_norm(z, bn_weight[i], bn_bias[i], bn_mean[i], bn_var[i], bn_eps[i], training)
+        z, m, v = _batch_norm(z, bn_weight[i], bn_bias[i], bn_mean[i], bn_var[i], bn_eps[i], training, sync_group)
         means.append(m)
         variances.append(v)
     return _upsample(torch.sigmoid(z), size, upsample), means, variances
@@ -310,7 +327,8 @@ def _dense(t: Tensor, like: Tensor) -> Tensor:
 
 def ghost_concat(x: Tensor, primary_weight: Tensor, cheap_weight: Tensor, bn_weight: Sequence[Tensor],
                  bn_bias: Sequence[Tensor], bn_mean: Sequence[Tensor], bn_var: Sequence[Tensor],
-                 bn_eps: Sequence[float], oup: int, relu: bool, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 bn_eps: Sequence[float], oup: int, relu: bool, training: bool,
+                 sync_group: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Ghost module, 'original' mode: ``cat(act(BN0(conv1x1(x))), act(BN1(dwconv(.))))[:, :oup]``.
 
     x: [N, Cin, H, W]; primary_weight: [init, Cin, 1, 1]; cheap_weight: [new, 1, dw, dw] (groups=init).
@@ -318,14 +336,14 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, cheap_weight: Tensor, bn_wei
     statistics ``[init + new]`` (see the module docstring).
     """
     out, means, variances = _ghost_branches(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var,
-                                            bn_eps, oup, relu, training)
+                                            bn_eps, oup, relu, training, sync_group)
     return _dense(out, x), torch.cat(means), torch.cat(variances)
 
 
 def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, horizontal_weight: Tensor,
                   vertical_weight: Tensor, bn_weight: Sequence[Tensor], bn_bias: Sequence[Tensor],
                   bn_mean: Sequence[Tensor], bn_var: Sequence[Tensor], bn_eps: Sequence[float], upsample: str,
-                  training: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  training: bool, sync_group: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """DFC attention: ``features * upsample(sigmoid(BN2(vconv(BN1(hconv(BN0(conv1x1(avg_pool2x2(x)))))))))``.
 
     x: [N, Cin, H, W] (H, W >= 2); features: [N, C, H, W]; conv_weight: [C, Cin, 1, 1];
@@ -333,23 +351,24 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, horizontal_w
     Returns ``out`` [N, C, H, W] in features' dtype, laid out like x, and the statistics ``[3 C]``.
     """
     gate, means, variances = _dfc_gate(x, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias,
-                                       bn_mean, bn_var, bn_eps, features.shape[-2:], upsample, training)
+                                       bn_mean, bn_var, bn_eps, features.shape[-2:], upsample, training,
+                                       sync_group)
     return _dense(features * gate, x), torch.cat(means), torch.cat(variances)
 
 
 def ghost_attn(x: Tensor, primary_weight: Tensor, cheap_weight: Tensor, conv_weight: Tensor,
                horizontal_weight: Tensor, vertical_weight: Tensor, bn_weight: Sequence[Tensor],
                bn_bias: Sequence[Tensor], bn_mean: Sequence[Tensor], bn_var: Sequence[Tensor],
-               bn_eps: Sequence[float], oup: int, relu: bool, upsample: str,
-               training: bool) -> tuple[Tensor, Tensor, Tensor]:
+               bn_eps: Sequence[float], oup: int, relu: bool, upsample: str, training: bool,
+               sync_group: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Ghost module, 'attn' mode: ``ghost_concat`` times the DFC gate (``dfc_attention``), one operation.
 
     BatchNorm lists hold five entries (primary, cheap, short 0, short 1, short 2). Returns ``out`` [N, oup, H, W]
     and the statistics ``[init + new + 3 oup]``.
     """
     out, means, variances = _ghost_branches(x, primary_weight, cheap_weight, bn_weight[:2], bn_bias[:2],
-                                            bn_mean[:2], bn_var[:2], bn_eps[:2], oup, relu, training)
+                                            bn_mean[:2], bn_var[:2], bn_eps[:2], oup, relu, training, sync_group)
     gate, gate_means, gate_variances = _dfc_gate(x, conv_weight, horizontal_weight, vertical_weight, bn_weight[2:],
                                                  bn_bias[2:], bn_mean[2:], bn_var[2:], bn_eps[2:],
-                                                 out.shape[-2:], upsample, training)
+                                                 out.shape[-2:], upsample, training, sync_group)
     return _dense(out * gate, x), torch.cat(means + gate_means), torch.cat(variances + gate_variances)

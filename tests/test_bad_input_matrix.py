@@ -365,11 +365,12 @@ def test_public_op_unknown_backend(op):
 
 SCHEMA_ARGUMENTS = {
     "ghost_concat": ("x", "primary_weight", "cheap_weight", "bn_weight", "bn_bias", "bn_mean", "bn_var", "bn_eps",
-                     "oup", "relu", "training"),
+                     "oup", "relu", "training", "sync_group"),
     "dfc_attention": ("x", "features", "conv_weight", "horizontal_weight", "vertical_weight", "bn_weight", "bn_bias",
-                      "bn_mean", "bn_var", "bn_eps", "upsample", "training"),
+                      "bn_mean", "bn_var", "bn_eps", "upsample", "training", "sync_group"),
     "ghost_attn": ("x", "primary_weight", "cheap_weight", "conv_weight", "horizontal_weight", "vertical_weight",
-                   "bn_weight", "bn_bias", "bn_mean", "bn_var", "bn_eps", "oup", "relu", "upsample", "training"),
+                   "bn_weight", "bn_bias", "bn_mean", "bn_var", "bn_eps", "oup", "relu", "upsample", "training",
+                   "sync_group"),
 }
 BN_ORDER = {"ghost_concat": ("primary_bn", "cheap_bn"), "dfc_attention": ("conv_bn", "horizontal_bn", "vertical_bn"),
             "ghost_attn": ("primary_bn", "cheap_bn", "conv_bn", "horizontal_bn", "vertical_bn")}
@@ -380,7 +381,7 @@ def schema_values(op: str, values: dict, training: bool = True) -> dict:
     bns = [ops.BatchNorm.of(values[name]) for name in BN_ORDER[op]]
     raw = dict(values, bn_weight=[bn.weight.detach() for bn in bns], bn_bias=[bn.bias.detach() for bn in bns],
                bn_mean=[bn.running_mean for bn in bns], bn_var=[bn.running_var for bn in bns],
-               bn_eps=[bn.eps for bn in bns], relu=True, upsample="nearest", training=training)
+               bn_eps=[bn.eps for bn in bns], relu=True, upsample="nearest", training=training, sync_group=None)
     return {name: raw[name] for name in SCHEMA_ARGUMENTS[op]}
 
 

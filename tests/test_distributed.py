@@ -10,9 +10,11 @@ joins (or terminates) both processes before the test returns.
   ``nn.SyncBatchNorm`` refuses CPU tensors and DDP refuses SyncBatchNorm layers, so the processes average their
   gradients as DDP does (all-reduce, divide by the world size), and the reference is what SyncBatchNorm computes,
   written as one process: the eager model on the concatenated batch of both processes (statistics over all of it)
-  whose loss is the sum of the processes' losses. The processes have different batch sizes. On a GPU (both
-  processes on the one device, gloo), the fused model under DDP is compared with the eager ``nn.SyncBatchNorm``
-  model under DDP.
+  whose loss is the sum of the processes' losses. The processes have different batch sizes (in one scenario one
+  process has none). Every training forward of the fused modules must run a fused op with the process group (the
+  backends' implementations are wrapped to record it); ``ops.dfc_attention`` is checked on its own too, with its
+  running statistics. On a GPU (both processes on the one device, gloo), the fused model under DDP is compared with
+  the eager ``nn.SyncBatchNorm`` model under DDP.
 """
 
 import copy
@@ -29,11 +31,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import ghostfused
 
 from ecosystem_helpers import OUT_CHANNELS, cuda_backends, requires_cuda, two_ghost_modules
-from helpers import assert_close, cpu_backends
+from helpers import assert_close, cpu_backends, randomize_batch_norms
 
 WORLD_SIZE = 2
 DTYPE = torch.float64
 BATCH_SIZES = (3, 2)  # per process: the statistics must weigh each process by its batch
+EMPTY_PROCESS = (4, 0)  # the second process has no samples but takes part in every reduction
 STEPS = 2
 
 
@@ -57,11 +60,11 @@ def _spawn(scenario: str, device: str = "cpu", backend: str = "auto"):
     mp.spawn(_run, args=(WORLD_SIZE, _free_port(), scenario, device, backend), nprocs=WORLD_SIZE, join=True)
 
 
-def _batches(step: int, device: torch.device):
+def _batches(step: int, device: torch.device, batch_sizes=BATCH_SIZES):
     """The inputs and output gradients of every process at ``step`` (the same on every process)."""
     generator = torch.Generator().manual_seed(100 + step)
-    xs = [torch.randn(n, 5, 7, 6, dtype=DTYPE, generator=generator).to(device) for n in BATCH_SIZES]
-    grads = [torch.randn(n, OUT_CHANNELS, 7, 6, dtype=DTYPE, generator=generator).to(device) for n in BATCH_SIZES]
+    xs = [torch.randn(n, 5, 7, 6, dtype=DTYPE, generator=generator).to(device) for n in batch_sizes]
+    grads = [torch.randn(n, OUT_CHANNELS, 7, 6, dtype=DTYPE, generator=generator).to(device) for n in batch_sizes]
     return xs, grads
 
 
@@ -110,21 +113,30 @@ def _average_gradients(model: nn.Module):
         param.grad /= dist.get_world_size()
 
 
-class _SynchronisedCalls:
-    """Counts the Ghost-module forwards that take the synchronised (unfused) path."""
+class _FusedCalls:
+    """Records the ``sync_group`` argument of every fused-op forward (the backends' implementations are wrapped)."""
 
     def __init__(self):
-        self.count = 0
-        forward = ghostfused.nn.GhostModuleV2._forward_synchronised
+        self.groups = []
+        implementation = ghostfused.backends.implementation
 
-        def counting(module, x):
-            self.count += 1
-            return forward(module, x)
+        def recording(name, op):
+            inner = implementation(name, op)
 
-        ghostfused.nn.GhostModuleV2._forward_synchronised = counting
+            def forward(*args):
+                self.groups.append(args[-1])
+                return inner.forward(*args)
+
+            return inner._replace(forward=forward)
+
+        ghostfused.backends.implementation = recording
+
+    def take(self) -> list:
+        groups, self.groups = self.groups, []
+        return groups
 
 
-def _sync_batch_norm(rank: int, device: torch.device, backend: str):
+def _sync_batch_norm(rank: int, device: torch.device, backend: str, batch_sizes=BATCH_SIZES):
     torch.manual_seed(0)
     model = two_ghost_modules(dtype=DTYPE).to(device).train()
     variants = {
@@ -133,37 +145,75 @@ def _sync_batch_norm(rank: int, device: torch.device, backend: str):
         "convert_sync_batchnorm, then convert":
             ghostfused.convert(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)), backend=backend),
     }
-    calls = _SynchronisedCalls()
+    calls = _FusedCalls()
+    group = dist.group.WORLD.group_name
     for name, fused in variants.items():
         assert sum(isinstance(m, nn.SyncBatchNorm) for m in fused.modules()) == 7, name
         assert sum(isinstance(m, ghostfused.nn.GhostModuleV2) for m in fused.modules()) == 2, name
         reference = copy.deepcopy(model)
         for step in range(STEPS):
-            xs, grads = _batches(step, device)
+            xs, grads = _batches(step, device, batch_sizes)
             x = torch.cat(xs).requires_grad_()
             expected = reference(x)
             expected.backward(torch.cat(grads))  # the sum of every process's loss
-            begin = sum(BATCH_SIZES[:rank])
-            shard = slice(begin, begin + BATCH_SIZES[rank])
+            begin = sum(batch_sizes[:rank])
+            shard = slice(begin, begin + batch_sizes[rank])
             actual, actual_dx = _step(fused, xs[rank], grads[rank])
             what = f"{name}, rank {rank}, step {step}"
             assert_close(actual, expected.detach()[shard], DTYPE, f"{what}: output")
             assert_close(actual_dx, x.grad[shard], DTYPE, f"{what}: input gradient")
         _average_gradients(fused)
         _assert_state(reference, fused, f"{name}, rank {rank}", grad_scale=1 / WORLD_SIZE)
-        # In eval mode SyncBatchNorm uses its running statistics, local as BatchNorm2d: the fused ops run.
-        trained = calls.count
-        assert trained == 2 * STEPS, f"{name}: {trained} synchronised forwards"
+        # Both Ghost modules ran fused ops that synchronised, every step.
+        assert calls.take() == [group] * 2 * STEPS, f"{name}: fused calls"
+        # In eval mode SyncBatchNorm uses its running statistics, local as BatchNorm2d: fused ops, no group.
         fused.eval()
         reference.eval()
         with torch.no_grad():
-            x = _batches(STEPS, device)[0][rank]
+            x = _batches(STEPS, device, batch_sizes)[0][rank]
             assert_close(fused(x), reference(x), DTYPE, f"{name}, rank {rank}: eval output")
-        assert calls.count == trained, f"{name}: eval took the synchronised path"
-        calls.count = 0
+        assert calls.take() == [None] * 2, f"{name}: eval calls"
+
+
+def _sync_dfc_attention(rank: int, device: torch.device, backend: str, batch_sizes=BATCH_SIZES):
+    """``ops.dfc_attention`` with three synchronising SyncBatchNorms: the eager function on the global batch."""
+    torch.manual_seed(0)
+    module = randomize_batch_norms(ghostfused.reference.GhostModuleV2(5, 4, mode="attn")).to(DTYPE).to(device).train()
+    conv, conv_bn, horizontal, horizontal_bn, vertical, vertical_bn = module.short_conv
+    reference_bns = copy.deepcopy([conv_bn, horizontal_bn, vertical_bn])
+    sync_bns = [nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(bn)) for bn in reference_bns]
+    weights = [conv.weight, horizontal.weight, vertical.weight]
+    generator = torch.Generator().manual_seed(7)
+    xs = [torch.randn(n, 5, 7, 6, dtype=DTYPE, generator=generator).to(device) for n in batch_sizes]
+    features = [torch.randn(n, 4, 7, 6, dtype=DTYPE, generator=generator).to(device) for n in batch_sizes]
+    grads = [torch.randn(n, 4, 7, 6, dtype=DTYPE, generator=generator).to(device) for n in batch_sizes]
+
+    def run(x, feature, grad, bns):
+        x, feature = x.clone().requires_grad_(), feature.clone().requires_grad_()
+        out = ghostfused.ops.dfc_attention(x, feature, weights[0], bns[0], weights[1], bns[1], weights[2], bns[2],
+                                           training=True, backend=backend)
+        out.backward(grad)
+        return out.detach(), x.grad, feature.grad
+
+    expected = run(torch.cat(xs), torch.cat(features), torch.cat(grads), reference_bns)
+    actual = run(xs[rank], features[rank], grads[rank], sync_bns)
+    begin = sum(batch_sizes[:rank])
+    shard = slice(begin, begin + batch_sizes[rank])
+    for name, a, e in zip(("output", "x gradient", "features gradient"), actual, expected):
+        assert_close(a, e[shard], DTYPE, f"rank {rank}: dfc_attention {name}")
+    for sync_bn, bn in zip(sync_bns, reference_bns):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close(getattr(sync_bn, name).to(DTYPE), getattr(bn, name).to(DTYPE), DTYPE, f"rank {rank}: {name}")
+    # Only one BatchNorm synchronising: the op refuses to mix the local batch with the group's.
+    with pytest.raises(ValueError, match="different process group"):
+        ghostfused.ops.dfc_attention(xs[rank], features[rank], weights[0], sync_bns[0], weights[1], reference_bns[1],
+                                     weights[2], reference_bns[2], training=True, backend=backend)
 
 
 SCENARIOS = {"ddp_batch_norm": _ddp_batch_norm, "sync_batch_norm": _sync_batch_norm,
+             "sync_batch_norm_empty_process": lambda rank, device, backend: _sync_batch_norm(rank, device, backend,
+                                                                                            EMPTY_PROCESS),
+             "sync_dfc_attention": _sync_dfc_attention,
              "ddp_sync_batch_norm": lambda rank, device, backend: _ddp_batch_norm(rank, device, backend, sync=True)}
 
 
@@ -173,8 +223,9 @@ def test_ddp_with_batch_norm_matches_eager_ddp(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_sync_batch_norm_matches_the_global_batch(backend):
-    _spawn("sync_batch_norm", backend=backend)
+@pytest.mark.parametrize("scenario", ["sync_batch_norm", "sync_batch_norm_empty_process", "sync_dfc_attention"])
+def test_sync_batch_norm_matches_the_global_batch(scenario, backend):
+    _spawn(scenario, backend=backend)
 
 
 @pytest.mark.gpu

@@ -144,11 +144,11 @@ def test_opcheck(backend, op):
     lists = [[bn.weight for bn in bns], [bn.bias for bn in bns], [bn.running_mean for bn in bns],
              [bn.running_var for bn in bns], [bn.eps for bn in bns]]
     if op == "ghost_concat":
-        tail = [tensors.pop(), True, True]  # oup, relu, training
+        tail = [tensors.pop(), True, True, None]  # oup, relu, training, sync_group
     elif op == "ghost_attn":
-        tail = [tensors.pop(), True, "nearest", True]
+        tail = [tensors.pop(), True, "nearest", True, None]
     else:
-        tail = ["nearest", True]
+        tail = ["nearest", True, None]
     torch.library.opcheck(getattr(torch.ops.ghostfused, op).default, (*tensors, *lists, *tail, backend))
 
 

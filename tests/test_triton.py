@@ -58,11 +58,12 @@ def op_arguments(op, n, cin, oup, H, W, training, *, k=5, dw=3, ratio=2, relu=Tr
     primary = (randn(init, cin, 1, 1, scale=0.5), randn(new, 1, dw, dw, scale=0.3))
     dfc = (randn(oup, cin, 1, 1, scale=0.5), randn(oup, 1, 1, k, scale=0.4), randn(oup, 1, k, 1, scale=0.4))
     if op == "ghost_concat":
-        return [x, *primary, *_bn_lists((init, new), dtype, device), oup, relu, training]
+        return [x, *primary, *_bn_lists((init, new), dtype, device), oup, relu, training, None]
     if op == "dfc_attention":
         features = randn(n, oup, H, W).contiguous(memory_format=fmt)
-        return [x, features, *dfc, *_bn_lists((oup,) * 3, dtype, device), upsample, training]
-    return [x, *primary, *dfc, *_bn_lists((init, new, oup, oup, oup), dtype, device), oup, relu, upsample, training]
+        return [x, features, *dfc, *_bn_lists((oup,) * 3, dtype, device), upsample, training, None]
+    return [x, *primary, *dfc, *_bn_lists((init, new, oup, oup, oup), dtype, device), oup, relu, upsample, training,
+            None]
 
 
 def _bn_index(op):

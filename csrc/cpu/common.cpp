@@ -43,11 +43,11 @@ std::vector<double> host_vector(const at::Tensor& t) {
 }  // namespace
 
 std::vector<BatchNorm> batch_norms(at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
-                                   at::TensorList bn_var, at::ArrayRef<double> bn_eps) {
+                                   at::TensorList bn_var, at::ArrayRef<double> bn_eps, const SyncGroup& sync) {
   std::vector<BatchNorm> out;
   for (size_t i = 0; i < bn_weight.size(); ++i)
     out.push_back({host_vector(bn_weight[i]), host_vector(bn_bias[i]), host_vector(bn_mean[i]),
-                   host_vector(bn_var[i]), bn_eps[i]});
+                   host_vector(bn_var[i]), bn_eps[i], sync});
   return out;
 }
 
@@ -56,6 +56,24 @@ void set_batch_statistics(BatchNorm& bn, const std::vector<Moments>& moments) {
     bn.mean[c] = moments_mean(moments[c]);
     bn.var[c] = moments_biased_var(moments[c]);
   }
+  if (!bn.sync.active()) return;
+  // Every channel has the same count of values (N * H * W).
+  const double count = moments.empty() ? 0.0 : moments[0].count;
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor mean = at::from_blob(bn.mean.data(), {static_cast<int64_t>(bn.mean.size())}, options);
+  at::Tensor var = at::from_blob(bn.var.data(), {static_cast<int64_t>(bn.var.size())}, options);
+  bn.sync.moments(mean, var, count);
+}
+
+std::pair<std::vector<GradSums>, double> group_grad_sums(const BatchNorm& bn, const std::vector<GradSums>& sums,
+                                                         double count) {
+  std::vector<GradSums> out = sums;
+  if (!bn.sync.active()) return {out, count};
+  static_assert(sizeof(GradSums) == 2 * sizeof(double), "GradSums is read as [C, 2] doubles");
+  at::Tensor view = at::from_blob(out.data(), {static_cast<int64_t>(out.size()), 2},
+                                  at::TensorOptions().dtype(at::kDouble));
+  const double group_count = bn.sync.grad_sums(view, count);
+  return {out, group_count};
 }
 
 at::Tensor packed(const std::vector<std::vector<double>>& values, const at::Tensor& x) {

@@ -41,17 +41,20 @@ bool takes_nhwc_path(const at::Tensor& x, bool training);
 // A kernel's output computed in NCHW and the compute dtype, returned in x's dtype and layout.
 at::Tensor as_output(const at::Tensor& out, const at::Tensor& x);
 
-// One BatchNorm's parameters and statistics on the host, in double.
+// One BatchNorm's parameters and statistics on the host, in double, and the group whose batch it normalises over
+// in training.
 struct BatchNorm {
   std::vector<double> weight, bias, mean, var;  // mean / var: the statistics it normalises with
   double eps;
+  SyncGroup sync;
 };
 
 // The op's BatchNorms from its schema lists; mean / var are bn_mean / bn_var (running or saved statistics).
 std::vector<BatchNorm> batch_norms(at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
-                                   at::TensorList bn_var, at::ArrayRef<double> bn_eps);
+                                   at::TensorList bn_var, at::ArrayRef<double> bn_eps, const SyncGroup& sync);
 
-// Replace a BatchNorm's mean / var by the batch statistics of per-channel moments.
+// Replace a BatchNorm's mean / var by the batch statistics of per-channel moments (those of the whole group's
+// batch when the BatchNorm synchronises).
 void set_batch_statistics(BatchNorm& bn, const std::vector<Moments>& moments);
 
 // Per-BatchNorm vectors packed into one tensor in the stats dtype of x (statistics, BatchNorm gradients).
@@ -70,10 +73,17 @@ std::vector<Affine<T>> folded(const BatchNorm& bn) {
   return out;
 }
 
+// The sums and count a training BatchNorm's input gradient takes: this process's, or the whole group's when the
+// BatchNorm synchronises (its weight and bias gradients keep this process's sums, as nn.SyncBatchNorm's).
+std::pair<std::vector<GradSums>, double> group_grad_sums(const BatchNorm& bn, const std::vector<GradSums>& sums,
+                                                         double count);
+
 // Per-channel backward coefficients (dx = a dy + b x + c) from the reduced sums over count values per channel.
 template <typename T>
-std::vector<BatchNormGrad<T>> backward_coefficients(const BatchNorm& bn, const std::vector<GradSums>& sums,
-                                                    double count, bool training) {
+std::vector<BatchNormGrad<T>> backward_coefficients(const BatchNorm& bn, const std::vector<GradSums>& local_sums,
+                                                    double local_count, bool training) {
+  const auto [sums, count] =
+      training ? group_grad_sums(bn, local_sums, local_count) : std::make_pair(local_sums, local_count);
   std::vector<BatchNormGrad<T>> out(bn.weight.size());
   for (size_t c = 0; c < out.size(); ++c) {
     const BatchNormGrad<double> g =

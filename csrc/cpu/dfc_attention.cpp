@@ -544,9 +544,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
     const at::Tensor& x, const at::Tensor& features, const at::Tensor& conv_weight,
     const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
-    c10::string_view upsample, bool training) {
+    c10::string_view upsample, bool training, std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const DfcSizes s = check_dfc_attention_arguments(kForward, x, features, conv_weight, horizontal_weight,
-    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
+    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training && !sync.active());
   const at::ScalarType dtype = compute_dtype(x);
   const bool nhwc = takes_nhwc_path(x, training);  // x, features and out stay NHWC
   const at::Tensor xd = nhwc ? dense_channels_last(x, dtype) : dense(x, dtype);
@@ -557,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
   AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_forward", [&] {
     const DfcGate<scalar_t> g =
         dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
-                           batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, training, false);
+                           batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, training, false);
     if (nhwc) {
       gate_product_nhwc(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
     } else {
@@ -573,9 +574,10 @@ dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& x, const at
                        const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
                        const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                        at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
-                       c10::string_view upsample, bool training) {
+                       c10::string_view upsample, bool training, std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const DfcSizes s = check_dfc_attention_arguments(kBackward, x, features, conv_weight, horizontal_weight,
-    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
+    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training && !sync.active());
   check_grad_out(kBackward, grad_out, x, s.channels);
   const at::ScalarType dtype = compute_dtype(x);
   const at::Tensor xd = dense(x, dtype), feats = dense(features, dtype), grad = dense(grad_out, dtype);
@@ -585,7 +587,7 @@ dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& x, const at
   AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_backward", [&] {
     const DfcGate<scalar_t> g =
         dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
-                           batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, false, true);
+                           batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, false, true);
     at::Tensor dgate = at::empty_like(g.gate);
     gate_product_backward(g.view(), grad.data_ptr<scalar_t>(), feats.data_ptr<scalar_t>(), g.batch,
                           dfeatures.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>());

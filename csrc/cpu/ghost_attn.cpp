@@ -20,11 +20,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
     const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
     at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training) {
+    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training,
+    std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const GhostAttnSizes s = check_ghost_attn_arguments(kForward, x, primary_weight, cheap_weight, conv_weight,
     horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
-    training);
-  auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps));
+    training && !sync.active());
+  auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync));
   const at::ScalarType dtype = compute_dtype(x);
   const GhostSizes& gs = s.ghost;
   const bool nhwc = takes_nhwc_path(x, training);  // x and out stay NHWC
@@ -55,12 +57,14 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     const at::Tensor& cheap_weight, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
                     const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                     at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu,
-                    c10::string_view upsample, bool training) {
+                    c10::string_view upsample, bool training,
+    std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const GhostAttnSizes s = check_ghost_attn_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight,
     horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
-    training);
+    training && !sync.active());
   check_grad_out(kBackward, grad_out, x, oup);
-  auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps));
+  auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync));
   const at::ScalarType dtype = compute_dtype(x);
   const at::Tensor xd = dense(x, dtype), grad = dense(grad_out, dtype);
   GhostGrads ghost;

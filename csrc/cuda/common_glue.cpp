@@ -37,12 +37,12 @@ at::Tensor dense(const at::Tensor& t) {
 
 std::vector<DeviceBatchNorm> device_batch_norms(at::TensorList bn_weight, at::TensorList bn_bias,
                                                 at::TensorList bn_mean, at::TensorList bn_var,
-                                                at::ArrayRef<double> bn_eps) {
+                                                at::ArrayRef<double> bn_eps, const SyncGroup& sync) {
   std::vector<DeviceBatchNorm> out;
   auto as_double = [](const at::Tensor& t) { return t.detach().to(at::kDouble).contiguous(); };
   for (size_t i = 0; i < bn_weight.size(); ++i)
     out.push_back({as_double(bn_weight[i]), as_double(bn_bias[i]), as_double(bn_mean[i]).clone(),
-                   as_double(bn_var[i]).clone(), bn_eps[i], at::Tensor(), at::Tensor()});
+                   as_double(bn_var[i]).clone(), bn_eps[i], at::Tensor(), at::Tensor(), sync});
   return out;
 }
 
@@ -57,10 +57,12 @@ at::Tensor grad_sums_partials(int64_t count, int64_t channels, const at::Tensor&
 void finish_batch_norm(DeviceBatchNorm& bn, const at::Tensor* moments, int64_t count, DType dtype) {
   const cudaStream_t stream = current_stream();
   const int64_t channels = bn.weight.size(0);
-  if (moments != nullptr)
+  if (moments != nullptr) {
     check(cuda::launch_finish_moments(moments->data_ptr(), cuda::reduce_chunks(count), channels,
                                       bn.mean.data_ptr<double>(), bn.var.data_ptr<double>(), stream),
           "finish_moments");
+    bn.sync.moments(bn.mean, bn.var, static_cast<double>(count));
+  }
   const at::ScalarType acc = dtype == DType::Float64 ? at::kDouble : at::kFloat;
   bn.scale = at::empty({channels}, bn.weight.options().dtype(acc));
   bn.shift = at::empty_like(bn.scale);
@@ -70,10 +72,11 @@ void finish_batch_norm(DeviceBatchNorm& bn, const at::Tensor* moments, int64_t c
         "fold_batch_norm");
 }
 
-DeviceBatchNormGrad batch_norm_backward(const DeviceBatchNorm& bn, const at::Tensor& partials, int64_t count,
-                                        bool training, const at::Tensor& x) {
+namespace {
+
+DeviceBatchNormGrad launch_backward(const DeviceBatchNorm& bn, const at::Tensor& sums, double count, bool training,
+                                    const at::Tensor& x) {
   const int64_t channels = bn.weight.size(0);
-  const at::Tensor sums = partials.defined() ? partials : at::zeros({1, channels, 2}, bn.weight.options());
   DeviceBatchNormGrad g;
   g.a = at::empty({channels}, bn.weight.options().dtype(acc_dtype(x)));
   g.b = at::empty_like(g.a);
@@ -82,10 +85,28 @@ DeviceBatchNormGrad batch_norm_backward(const DeviceBatchNorm& bn, const at::Ten
   g.bias_grad = at::empty_like(bn.weight);
   check(cuda::launch_batch_norm_backward(dtype_of(x), bn.weight.data_ptr<double>(), bn.mean.data_ptr<double>(),
                                          bn.var.data_ptr<double>(), bn.eps, sums.data_ptr(), sums.size(0), channels,
-                                         static_cast<double>(count), training, g.a.data_ptr(), g.b.data_ptr(),
-                                         g.c.data_ptr(), g.weight_grad.data_ptr<double>(),
-                                         g.bias_grad.data_ptr<double>(), current_stream()),
+                                         count, training, g.a.data_ptr(), g.b.data_ptr(), g.c.data_ptr(),
+                                         g.weight_grad.data_ptr<double>(), g.bias_grad.data_ptr<double>(),
+                                         current_stream()),
         "batch_norm_backward");
+  return g;
+}
+
+}  // namespace
+
+DeviceBatchNormGrad batch_norm_backward(const DeviceBatchNorm& bn, const at::Tensor& partials, int64_t count,
+                                        bool training, const at::Tensor& x) {
+  const int64_t channels = bn.weight.size(0);
+  const at::Tensor sums = partials.defined() ? partials : at::zeros({1, channels, 2}, bn.weight.options());
+  DeviceBatchNormGrad g = launch_backward(bn, sums, static_cast<double>(count), training, x);
+  if (training && bn.sync.active()) {  // the coefficients again, from the group's sums
+    at::Tensor group_sums = sums.sum(0, /*keepdim=*/true);
+    const double group_count = bn.sync.grad_sums(group_sums, static_cast<double>(count));
+    const DeviceBatchNormGrad group = launch_backward(bn, group_sums, group_count, training, x);
+    g.a = group.a;
+    g.b = group.b;
+    g.c = group.c;
+  }
   return g;
 }
 

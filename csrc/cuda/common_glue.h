@@ -24,27 +24,30 @@ cudaStream_t current_stream();
 // t detached and dense NCHW (a copy only when needed).
 at::Tensor dense(const at::Tensor& t);
 
-// A BatchNorm on the device: parameters and the statistics it normalises with (double [C]), and the folded map
-// (accumulation dtype [C]).
+// A BatchNorm on the device: parameters and the statistics it normalises with (double [C]), the folded map
+// (accumulation dtype [C]), and the group whose batch it normalises over in training.
 struct DeviceBatchNorm {
   at::Tensor weight, bias, mean, var;
   double eps;
   at::Tensor scale, shift;
+  SyncGroup sync;
 };
 
 std::vector<DeviceBatchNorm> device_batch_norms(at::TensorList bn_weight, at::TensorList bn_bias,
                                                 at::TensorList bn_mean, at::TensorList bn_var,
-                                                at::ArrayRef<double> bn_eps);
+                                                at::ArrayRef<double> bn_eps, const SyncGroup& sync);
 
 // Per-channel partial sums of count values per channel: Moments (3 doubles) or GradSums (2 doubles) per chunk.
 at::Tensor moments_partials(int64_t count, int64_t channels, const at::Tensor& like);
 at::Tensor grad_sums_partials(int64_t count, int64_t channels, const at::Tensor& like);
 
-// The batch statistics from moments partials, then the folded map (batch_statistics) or the folded map alone.
+// The batch statistics from moments partials (the group's when the BatchNorm synchronises), then the folded map;
+// without partials, the folded map of the given statistics alone.
 void finish_batch_norm(DeviceBatchNorm& bn, const at::Tensor* moments, int64_t count, DType dtype);
 
 // The BatchNorm backward from grad-sums partials (zeros when undefined): coefficients a, b, c (accumulation
-// dtype) and the parameter gradients (double).
+// dtype; in training from the group's sums when the BatchNorm synchronises) and the parameter gradients (double,
+// from this process's sums, as nn.SyncBatchNorm's).
 struct DeviceBatchNormGrad {
   at::Tensor a, b, c, weight_grad, bias_grad;
 };

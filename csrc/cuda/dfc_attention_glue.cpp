@@ -120,11 +120,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
     const at::Tensor& x, const at::Tensor& features, const at::Tensor& conv_weight,
     const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
-    c10::string_view upsample, bool training) {
+    c10::string_view upsample, bool training, std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const DfcSizes s = check_dfc_attention_arguments(kForward, x, features, conv_weight, horizontal_weight,
-    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
+    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training && !sync.active());
   const DfcState d = dfc_state(x, conv_weight, horizontal_weight, vertical_weight,
-                               device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, training);
+                               device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, training);
   const at::Tensor feats = dense(features);
   at::Tensor out = empty_output(feats.sizes(), feats.options());
   check(cuda::launch_gate_product(dtype_of(x), d.shape, feats.data_ptr(), d.gate.data_ptr(), out.data_ptr(),
@@ -139,12 +140,13 @@ dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& x, const at
                        const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
                        const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                        at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
-                       c10::string_view upsample, bool training) {
+                       c10::string_view upsample, bool training, std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const DfcSizes s = check_dfc_attention_arguments(kBackward, x, features, conv_weight, horizontal_weight,
-    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training);
+    vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training && !sync.active());
   check_grad_out(kBackward, grad_out, x, s.channels);
   const DfcState d = dfc_state(x, conv_weight, horizontal_weight, vertical_weight,
-                               device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps), s, false);
+                               device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, false);
   const at::Tensor feats = dense(features), grad = dense(grad_out);
   at::Tensor dfeatures = empty_output(feats.sizes(), feats.options());
   at::Tensor product = at::empty(feats.sizes(), feats.options().dtype(acc_dtype(feats)));

@@ -20,8 +20,9 @@ struct States {
 States states(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
               const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
               at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-              at::ArrayRef<double> bn_eps, const GhostAttnSizes& s, bool relu, bool batch_statistics) {
-  std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
+              at::ArrayRef<double> bn_eps, const SyncGroup& sync, const GhostAttnSizes& s, bool relu,
+              bool batch_statistics) {
+  std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync);
   DfcState dfc = dfc_state(x, conv_weight, horizontal_weight, vertical_weight, {bns[2], bns[3], bns[4]}, s.dfc,
                            batch_statistics);
   GhostState ghost = ghost_state(x, primary_weight, cheap_weight, bns[0], bns[1], s.ghost, relu, batch_statistics);
@@ -32,12 +33,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
     const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
     at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training) {
+    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training,
+    std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const GhostAttnSizes s = check_ghost_attn_arguments(kForward, x, primary_weight, cheap_weight, conv_weight,
     horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
-    training);
+    training && !sync.active());
   const States st = states(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
-                           bn_weight, bn_bias, bn_mean, bn_var, bn_eps, s, relu, training);
+                           bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync, s, relu, training);
   const GhostSizes& gs = s.ghost;
   at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, x.options());
   check(cuda::launch_ghost_write(st.ghost.args(st.dfc.view()), out.data_ptr(), current_stream()), "ghost_write");
@@ -56,13 +59,15 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     const at::Tensor& cheap_weight, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
                     const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                     at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu,
-                    c10::string_view upsample, bool training) {
+                    c10::string_view upsample, bool training,
+                    std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const GhostAttnSizes s = check_ghost_attn_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight,
     horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
-    training);
+    training && !sync.active());
   check_grad_out(kBackward, grad_out, x, oup);
   const States st = states(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
-                           bn_weight, bn_bias, bn_mean, bn_var, bn_eps, s, relu, false);
+                           bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync, s, relu, false);
   const GhostSizes& gs = s.ghost;
   at::Tensor product = at::empty({gs.batch, gs.oup, gs.height, gs.width}, x.options().dtype(acc_dtype(x)));
   const GhostGrads ghost = ghost_backward(st.ghost, dense(grad_out), st.dfc.view(), product, training);

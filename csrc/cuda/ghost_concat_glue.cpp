@@ -108,10 +108,11 @@ constexpr const char* kBackward = "ghostfused_C::ghost_concat_backward";
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
-    bool relu, bool training) {
+    bool relu, bool training, std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const GhostSizes s = check_ghost_concat_arguments(kForward, x, primary_weight, cheap_weight, bn_weight, bn_bias,
-    bn_mean, bn_var, bn_eps, oup, training);
-  std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
+    bn_mean, bn_var, bn_eps, oup, training && !sync.active());
+  std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync);
   const GhostState g = ghost_state(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training);
   at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options());
   check(cuda::launch_ghost_write(g.args({nullptr, 0, 0, 0, true}), out.data_ptr(), current_stream()),
@@ -123,11 +124,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
     at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, bool training) {
+    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, bool training,
+    std::optional<c10::string_view> sync_group) {
+  const SyncGroup sync(sync_group);
   const GhostSizes s = check_ghost_concat_arguments(kBackward, x, primary_weight, cheap_weight, bn_weight, bn_bias,
-    bn_mean, bn_var, bn_eps, oup, training);
+    bn_mean, bn_var, bn_eps, oup, training && !sync.active());
   check_grad_out(kBackward, grad_out, x, s.oup);
-  std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
+  std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync);
   const GhostState g = ghost_state(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, false);
   const GhostGrads grads = ghost_backward(g, dense(grad_out), {nullptr, 0, 0, 0, true}, at::Tensor(), training);
   return {grads.x.view(x.sizes()), grads.primary_weight.view(primary_weight.sizes()),

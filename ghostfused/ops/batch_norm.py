@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import distributed
+
 
 class BatchNorm(NamedTuple):
     """The state of one ``nn.BatchNorm2d``: affine parameters [C], running statistics [C], the batch counter,
@@ -54,18 +56,42 @@ def sync_process_group(module: nn.Module):
 
 
 def as_batch_norm(value, name: str) -> BatchNorm:
-    """Accept an ``nn.BatchNorm2d``, an ``nn.SyncBatchNorm`` that normalises over the local batch, or a
-    :class:`BatchNorm`; anything else is a TypeError (or ValueError) naming ``name``."""
+    """Accept an ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) or a :class:`BatchNorm`; anything else is a TypeError
+    (or ValueError) naming ``name``."""
     if isinstance(value, BatchNorm):
         return value
     if isinstance(value, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         if not is_fusable(value):
             raise ValueError(f"{name}: the fused ops need an affine BatchNorm2d that tracks running statistics")
-        if sync_process_group(value) is not None:
-            raise ValueError(f"{name}: this SyncBatchNorm normalises over the batch of several processes, which the "
-                             "fused ops cannot (their statistics are local); ghostfused.nn.GhostModuleV2 handles it")
         return BatchNorm.of(value)
     raise TypeError(f"{name} must be an nn.BatchNorm2d or ghostfused.ops.BatchNorm, got {type(value).__name__}")
+
+
+def sync_group_name(modules: Sequence, names: Sequence[str]) -> Optional[str]:
+    """The name of the process group over whose whole batch an op's BatchNorms normalise (see
+    :func:`sync_process_group`), or None when each normalises over the local batch.
+
+    modules: the op's BatchNorm arguments (modules or :class:`BatchNorm` states, which never synchronise), named
+    ``names``. One op normalises all its BatchNorms alike: a ValueError names the first that differs.
+    """
+    groups = [sync_process_group(m) if isinstance(m, nn.Module) else None for m in modules]
+    for group, name in zip(groups[1:], names[1:]):
+        if group is not groups[0]:
+            raise ValueError(f"{name} synchronises over a different process group than {names[0]} (or only one of "
+                             "them synchronises): one fused op normalises all its BatchNorms over one batch")
+    return None if groups[0] is None else groups[0].group_name
+
+
+def training_counts(counts: Sequence[int], sync_group: Optional[str], device: torch.device) -> list[int]:
+    """Values per channel of each BatchNorm over the batch it normalises: ``counts`` (this process's), summed over
+    the process group ``sync_group`` when given (one all-reduce on ``device``), where none may be 1 (ValueError), as
+    for ``nn.BatchNorm2d``."""
+    if sync_group is None:
+        return list(counts)
+    totals = distributed.group_counts(list(counts), sync_group, device)
+    if 1 in totals:
+        raise ValueError("expected more than 1 value per channel over the process group when training, got 1")
+    return totals
 
 
 @torch.library.custom_op("ghostfused::batch_norm_update_stats",

@@ -3,8 +3,10 @@
 All fused ops share a calling convention, so the registration is written once here:
 
 * arguments: the differentiable tensors first (``x``, weights, ...), then ``Tensor[] bn_weight, Tensor[] bn_bias,
-  Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps`` (one entry per BatchNorm), then the op's flags, then
-  ``str backend`` (a concrete backend name, resolved by the caller);
+  Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps`` (one entry per BatchNorm), then the op's flags (``bool
+  training`` among them), then ``str? sync_group`` (the ``torch.distributed`` process group whose whole batch the
+  BatchNorms normalise over in training, see ``ghostfused.distributed``; None: the local batch), then ``str backend``
+  (a concrete backend name, resolved by the caller);
 * ``ghostfused::<op>(...) -> (Tensor out, Tensor stats_mean, Tensor stats_var)`` returns the output and the packed
   statistics the BatchNorms normalised with (see ``ghostfused.reference``);
 * ``ghostfused::<op>_backward(Tensor grad_out, ...same arguments, with the saved statistics as bn_mean / bn_var...)

@@ -11,17 +11,17 @@ from torch import Tensor
 from .. import backends
 from ..reference import memory_format_of
 from . import checks
-from .batch_norm import as_batch_norm, schema_lists, update_running_stats
+from .batch_norm import as_batch_norm, schema_lists, sync_group_name, training_counts, update_running_stats
 from .autocast import cast_for_autocast
 from .define import define_fused_op, run_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor features, Tensor conv_weight, Tensor horizontal_weight, Tensor vertical_weight, "
              "Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, "
-             "str upsample, bool training")
+             "str upsample, bool training, str? sync_group")
 
 
 def _fake_output(x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var,
-                 bn_eps, upsample, training):
+                 bn_eps, upsample, training, sync_group):
     out = torch.empty_like(features, memory_format=memory_format_of(x))
     return out, 3 * conv_weight.shape[0]
 
@@ -43,7 +43,7 @@ BN_NAMES = ("conv_bn", "horizontal_bn", "vertical_bn")
 
 
 def check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var,
-                    bn_eps, upsample, training, bn_names=None) -> int:
+                    bn_eps, upsample, training, sync_group, bn_names=None) -> int:
     """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
     output's channel count."""
     checks.check_input(x)
@@ -57,7 +57,7 @@ def check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight
     checks.check_upsample(upsample)
     checks.check_batch_norms(x, (channels,) * 3, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
     checks.check_training_count(x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2), "x (after 2x2 pooling)",
-                                training)
+                                training and sync_group is None)
     return channels
 
 
@@ -79,7 +79,8 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
         conv_weight: [C, Cin, 1, 1]; horizontal_weight: [C, 1, 1, K]; vertical_weight: [C, 1, K, 1], K odd;
             all in x's dtype.
         conv_bn, horizontal_bn, vertical_bn: ``nn.BatchNorm2d`` (or ``ghostfused.ops.BatchNorm``) of C channels,
-            running statistics updated in place in training.
+            running statistics updated in place in training (batch statistics over the whole process group when they
+            are ``nn.SyncBatchNorm`` modules that synchronise).
         upsample: 'nearest' (PyTorch's legacy nearest, as the official model) or 'bilinear' (align_corners=False).
         training: batch statistics (and running updates) or running statistics.
         backend: 'auto', 'eager', 'triton', 'cpu' or 'cuda'.
@@ -90,15 +91,18 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
     checks.check_input(x)
     x, features, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
         x, features, conv_weight, horizontal_weight, vertical_weight)
-    bns = [as_batch_norm(bn, name) for bn, name in zip((conv_bn, horizontal_bn, vertical_bn), BN_NAMES)]
+    given = (conv_bn, horizontal_bn, vertical_bn)
+    bns = [as_batch_norm(bn, name) for bn, name in zip(given, BN_NAMES)]
+    group = sync_group_name(given, BN_NAMES) if training else None
     check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample,
-                    training, bn_names=BN_NAMES)
+                    training, group, bn_names=BN_NAMES)
     for bn, name in zip(bns, BN_NAMES):
         checks.check_momentum(bn, name)
-    count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
+    pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
+    counts = training_counts([pooled_count] * 3, group, x.device) if training else None
     out, stats_mean, stats_var = run_fused_op(
         dfc_attention_op, x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample,
-        bool(training), backends.resolve(backend, x.device))
+        bool(training), group, backends.resolve(backend, x.device))
     if training:
-        update_running_stats(bns, stats_mean, stats_var, [count] * 3)
+        update_running_stats(bns, stats_mean, stats_var, counts)
     return out

@@ -9,26 +9,27 @@ from torch import Tensor
 from .. import backends
 from ..reference import memory_format_of
 from . import checks
-from .batch_norm import as_batch_norm, schema_lists, update_running_stats
+from .batch_norm import as_batch_norm, schema_lists, sync_group_name, training_counts, update_running_stats
 from .autocast import cast_for_autocast
 from .define import define_fused_op, run_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor conv_weight, Tensor horizontal_weight, "
              "Tensor vertical_weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, "
-             "float[] bn_eps, int oup, bool relu, str upsample, bool training")
+             "float[] bn_eps, int oup, bool relu, str upsample, bool training, str? sync_group")
 
 BN_NAMES = ("primary_bn", "cheap_bn", "conv_bn", "horizontal_bn", "vertical_bn")
 
 
 def _fake_output(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias,
-                 bn_mean, bn_var, bn_eps, oup, relu, upsample, training):
+                 bn_mean, bn_var, bn_eps, oup, relu, upsample, training, sync_group):
     n, _, h, w = x.shape
     out = x.new_empty((n, oup, h, w)).contiguous(memory_format=memory_format_of(x))
     return out, primary_weight.shape[0] + cheap_weight.shape[0] + 3 * oup
 
 
 def check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight,
-                    bn_bias, bn_mean, bn_var, bn_eps, oup, relu, upsample, training, bn_names=None) -> int:
+                    bn_bias, bn_mean, bn_var, bn_eps, oup, relu, upsample, training, sync_group,
+                    bn_names=None) -> int:
     """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
     output's channel count."""
     checks.check_input(x)
@@ -39,7 +40,7 @@ def check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_wei
     checks.check_upsample(upsample)
     checks.check_batch_norms(x, (init, new, oup, oup, oup), bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
     checks.check_training_count(x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2), "x (after 2x2 pooling)",
-                                training)
+                                training and sync_group is None)
     return oup
 
 
@@ -62,7 +63,8 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
         conv_weight: [oup, Cin, 1, 1]; horizontal_weight: [oup, 1, 1, K]; vertical_weight: [oup, 1, K, 1], K odd;
             with conv_bn, horizontal_bn, vertical_bn of oup channels: the DFC branch (``short_conv``).
         upsample: 'nearest' or 'bilinear' (align_corners=False).
-        training: batch statistics (and running updates of all five BatchNorms) or running statistics.
+        training: batch statistics (and running updates of all five BatchNorms) or running statistics; the batch is
+            the whole process group's when the BatchNorms are ``nn.SyncBatchNorm`` modules that synchronise.
         backend: 'auto', 'eager', 'triton', 'cpu' or 'cuda'.
 
     Returns:
@@ -73,15 +75,17 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
         x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight)
     given = (primary_bn, cheap_bn, conv_bn, horizontal_bn, vertical_bn)
     bns = [as_batch_norm(bn, name) for bn, name in zip(given, BN_NAMES)]
+    group = sync_group_name(given, BN_NAMES) if training else None
     check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
-                    *schema_lists(bns), oup, relu, upsample, training, bn_names=BN_NAMES)
+                    *schema_lists(bns), oup, relu, upsample, training, group, bn_names=BN_NAMES)
     for bn, name in zip(bns, BN_NAMES):
         checks.check_momentum(bn, name)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
+    counts = training_counts([count, count] + [pooled_count] * 3, group, x.device) if training else None
     out, stats_mean, stats_var = run_fused_op(
         ghost_attn_op, x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
-        *schema_lists(bns), oup, bool(relu), upsample, bool(training), backends.resolve(backend, x.device))
+        *schema_lists(bns), oup, bool(relu), upsample, bool(training), group, backends.resolve(backend, x.device))
     if training:
-        update_running_stats(bns, stats_mean, stats_var, [count, count] + [pooled_count] * 3)
+        update_running_stats(bns, stats_mean, stats_var, counts)
     return out

@@ -9,15 +9,16 @@ from torch import Tensor
 from .. import backends
 from ..reference import memory_format_of
 from . import checks
-from .batch_norm import as_batch_norm, schema_lists, update_running_stats
+from .batch_norm import as_batch_norm, schema_lists, sync_group_name, training_counts, update_running_stats
 from .autocast import cast_for_autocast
 from .define import define_fused_op, run_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor[] bn_weight, Tensor[] bn_bias, "
-             "Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, int oup, bool relu, bool training")
+             "Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, int oup, bool relu, bool training, str? sync_group")
 
 
-def _fake_output(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu, training):
+def _fake_output(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu, training,
+                 sync_group):
     n, _, h, w = x.shape
     out = x.new_empty((n, oup, h, w)).contiguous(memory_format=memory_format_of(x))
     return out, primary_weight.shape[0] + cheap_weight.shape[0]
@@ -27,14 +28,14 @@ BN_NAMES = ("primary_bn", "cheap_bn")
 
 
 def check_arguments(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu, training,
-                    bn_names=None) -> int:
+                    sync_group, bn_names=None) -> int:
     """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
     output's channel count."""
     checks.check_input(x)
     init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
     checks.check_oup(oup, init, new)
     checks.check_batch_norms(x, (init, new), bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
-    checks.check_training_count(x.shape[0] * x.shape[2] * x.shape[3], "x", training)
+    checks.check_training_count(x.shape[0] * x.shape[2] * x.shape[3], "x", training and sync_group is None)
     return oup
 
 
@@ -53,7 +54,9 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
         x: [N, Cin, H, W], float16 / bfloat16 / float32 / float64, contiguous or channels_last.
         primary_weight: [init, Cin, 1, 1], x's dtype (the 1x1 primary convolution).
         primary_bn, cheap_bn: ``nn.BatchNorm2d`` modules (or ``ghostfused.ops.BatchNorm``) of init and new channels;
-            parameters in x's dtype or float32. In training their running statistics are updated in place.
+            parameters in x's dtype or float32. In training their running statistics are updated in place; when
+            they are ``nn.SyncBatchNorm`` modules that synchronise (``batch_norm.sync_process_group``), the batch
+            statistics are those of the whole process group's batch.
         cheap_weight: [new, 1, dw, dw], x's dtype (depthwise, ``groups=init``, new a multiple of init, dw odd).
         oup: output channels, ``init <= oup <= init + new``.
         relu: ReLU after both BatchNorms.
@@ -66,14 +69,16 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
     checks.check_input(x)
     x, primary_weight, cheap_weight = cast_for_autocast(x, primary_weight, cheap_weight)
     bns = [as_batch_norm(bn, name) for bn, name in zip((primary_bn, cheap_bn), BN_NAMES)]
-    check_arguments(x, primary_weight, cheap_weight, *schema_lists(bns), oup, relu, training, bn_names=BN_NAMES)
+    group = sync_group_name((primary_bn, cheap_bn), BN_NAMES) if training else None
+    check_arguments(x, primary_weight, cheap_weight, *schema_lists(bns), oup, relu, training, group,
+                    bn_names=BN_NAMES)
     for bn, name in zip(bns, BN_NAMES):
         checks.check_momentum(bn, name)
-    count = x.shape[0] * x.shape[2] * x.shape[3]
+    counts = training_counts([x.shape[0] * x.shape[2] * x.shape[3]] * 2, group, x.device) if training else None
     out, stats_mean, stats_var = run_fused_op(
-        ghost_concat_op, x, primary_weight, cheap_weight, *schema_lists(bns), oup, bool(relu), bool(training),
+        ghost_concat_op, x, primary_weight, cheap_weight, *schema_lists(bns), oup, bool(relu), bool(training), group,
         backends.resolve(backend, x.device))
     if training:
-        update_running_stats(bns, stats_mean, stats_var, [count, count])
+        update_running_stats(bns, stats_mean, stats_var, counts)
     return out
 

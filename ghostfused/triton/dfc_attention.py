@@ -38,15 +38,15 @@ def _dfc(conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn
 
 
 def forward(x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var,
-            bn_eps, upsample, training):
+            bn_eps, upsample, training, sync_group):
     """``(out [N, C, H, W], stats_mean [3 C], stats_var [3 C])``; see ``ghostfused.reference``."""
     dfc = _dfc(conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, upsample)
-    return stages.forward(x, None, dfc, features, training)
+    return stages.forward(x, None, dfc, features, training, sync_group)
 
 
 def backward(grad_out, x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean,
-             bn_var, bn_eps, upsample, training):
+             bn_var, bn_eps, upsample, training, sync_group):
     """Gradients of x, features, conv_weight, horizontal_weight, vertical_weight, then BN weight and bias."""
     dfc = _dfc(conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, upsample)
-    g = stages.backward(grad_out, x, None, dfc, features, training)
+    g = stages.backward(grad_out, x, None, dfc, features, training, sync_group)
     return g.x, g.features, g.conv_weight, g.horizontal_weight, g.vertical_weight, g.bn_weight, g.bn_bias

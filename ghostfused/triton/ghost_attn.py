@@ -53,18 +53,18 @@ def _parts(primary_weight, cheap_weight, conv_weight, horizontal_weight, vertica
 
 
 def forward(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias,
-            bn_mean, bn_var, bn_eps, oup, relu, upsample, training):
+            bn_mean, bn_var, bn_eps, oup, relu, upsample, training, sync_group):
     """``(out [N, oup, H, W], stats_mean [init + new + 3 oup], stats_var)``; see ``ghostfused.reference``."""
     ghost, dfc = _parts(primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight,
                         bn_bias, bn_mean, bn_var, bn_eps, oup, relu, upsample)
-    return stages.forward(x, ghost, dfc, None, training)
+    return stages.forward(x, ghost, dfc, None, training, sync_group)
 
 
 def backward(grad_out, x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight,
-             bn_bias, bn_mean, bn_var, bn_eps, oup, relu, upsample, training):
+             bn_bias, bn_mean, bn_var, bn_eps, oup, relu, upsample, training, sync_group):
     """Gradients of x and the five convolution weights, then BN weight and bias packed like the statistics."""
     ghost, dfc = _parts(primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight,
                         bn_bias, bn_mean, bn_var, bn_eps, oup, relu, upsample)
-    g = stages.backward(grad_out, x, ghost, dfc, None, training)
+    g = stages.backward(grad_out, x, ghost, dfc, None, training, sync_group)
     return (g.x, g.primary_weight, g.cheap_weight, g.conv_weight, g.horizontal_weight, g.vertical_weight,
             g.bn_weight, g.bn_bias)

@@ -37,16 +37,17 @@ def _ghost(primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn
     return stages.Ghost(primary_weight, cheap_weight, oup, relu, primary_bn, cheap_bn)
 
 
-def forward(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu, training):
+def forward(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu, training,
+            sync_group):
     """``(out [N, oup, H, W], stats_mean [init + new], stats_var [init + new])``; see ``ghostfused.reference``."""
     ghost = _ghost(primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu)
-    return stages.forward(x, ghost, None, None, training)
+    return stages.forward(x, ghost, None, None, training, sync_group)
 
 
 def backward(grad_out, x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu,
-             training):
+             training, sync_group):
     """``(grad_x, grad_primary_weight, grad_cheap_weight, grad_bn_weight, grad_bn_bias)``; bn_mean / bn_var are the
     statistics the forward normalised with."""
     ghost = _ghost(primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu)
-    g = stages.backward(grad_out, x, ghost, None, None, training)
+    g = stages.backward(grad_out, x, ghost, None, None, training, sync_group)
     return g.x, g.primary_weight, g.cheap_weight, g.bn_weight, g.bn_bias

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backends
+from .. import backends, distributed
 from ..reference import memory_format_of
 from .common import (INTERPRETED, Partials, acc_dtype, autotune, bn_grad_terms, bn_params,
                      device_function, mm, offset, pixel_block, reduction_block, relu, relu_grad, scratch,
@@ -754,12 +754,34 @@ def _ghost_args(x, ghost: Ghost | None, y1):
     return (y1, ghost.cheap_weight.contiguous(), *_bn(ghost.primary_bn, x), *_bn(ghost.cheap_bn, x))
 
 
+def _stage_batch_norms(sz: _Sizes, ghost: Ghost | None, dfc: Dfc | None) -> list[list[tuple[int, int, int]]]:
+    """``(start in the packed statistics, channels, values per channel)`` of the BatchNorms whose statistics each
+    forward stage completes: primary and DFC 0, then cheap and DFC 1, then DFC 2."""
+    full, quarter = sz.n * sz.H * sz.W, sz.n * sz.h * sz.w
+    ghost_bns = [(0, sz.init, full), (sz.init, sz.new, full)] if ghost else [None, None]
+    dfc_bns = [(sz.dfc_offset + i * sz.c, sz.c, quarter) for i in range(3)] if dfc else [None] * 3
+    stage_bns = [[ghost_bns[0], dfc_bns[0]], [ghost_bns[1], dfc_bns[1]], [dfc_bns[2]]]
+    return [[bn for bn in stage if bn is not None] for stage in stage_bns]
+
+
+def _sync_statistics(stats_mean, stats_var, bns, sync_group: str | None) -> None:
+    """The batch statistics of ``bns`` (see :func:`_stage_batch_norms`) become the process group's, in place."""
+    if sync_group is None:
+        return
+    for start, size, count in bns:
+        mean, var, _ = distributed.group_moments(stats_mean[start:start + size], stats_var[start:start + size],
+                                                 count, sync_group)
+        stats_mean[start:start + size] = mean
+        stats_var[start:start + size] = var
+
+
 def forward(x: torch.Tensor, ghost: Ghost | None, dfc: Dfc | None, features: torch.Tensor | None,
-            training: bool):
+            training: bool, sync_group: str | None):
     """The fused forward: ``(out, stats_mean, stats_var)`` as the backend contract defines them.
 
     ``ghost`` and / or ``dfc`` (with ``features`` [N, C, H, W] when there is no Ghost part). In training the
-    BatchNorm mean / var fields are ignored (batch statistics are computed); in eval they are the running ones.
+    BatchNorm mean / var fields are ignored (batch statistics are computed, the whole process group's when
+    ``sync_group`` names one); in eval they are the running ones.
     """
     c_out = ghost.oup if ghost else features.shape[1]
     sz = _Sizes(x, ghost, dfc, c_out)
@@ -770,8 +792,10 @@ def forward(x: torch.Tensor, ghost: Ghost | None, dfc: Dfc | None, features: tor
     if not training:
         stats_mean = torch.cat([bn.mean.detach().to(acc) for bn in bns])
         stats_var = torch.cat([bn.var.detach().to(acc) for bn in bns])
-    elif sz.n == 0:  # an empty batch has no statistics (they are never used)
+    elif sz.n == 0:  # an empty batch has no statistics of its own; the group's, if it has one
         stats_mean, stats_var = x.new_zeros(sz.stats, dtype=acc), x.new_ones(sz.stats, dtype=acc)
+        for stage in _stage_batch_norms(sz, ghost, dfc):
+            _sync_statistics(stats_mean, stats_var, stage, sync_group)
     else:
         stats_mean = backends.empty((sz.stats,), like=x, dtype=acc)
         stats_var = backends.empty((sz.stats,), like=x, dtype=acc)
@@ -784,11 +808,13 @@ def forward(x: torch.Tensor, ghost: Ghost | None, dfc: Dfc | None, features: tor
     if dfc:
         dfc = dfc._replace(bns=tuple(bns[-3:]))
 
+    stage_bns = _stage_batch_norms(sz, ghost, dfc)
     # stage 1: y1 and z0 (BN statistics: primary at 0, the first DFC BN after the Ghost ones)
     moments = Partials(x, sz.init, sz.quad_tiles, sz.c, sz.quad_tiles, moments=True) if training else None
     y1, z0 = _project(x, sz, ghost, dfc, training, moments)
     if training:
         moments.finalize_moments(stats_mean, stats_var, 0, sz.new)
+        _sync_statistics(stats_mean, stats_var, stage_bns[0], sync_group)
     # stage 2: statistics of y2 (not stored), z1 (statistics: cheap at init, the second DFC BN)
     moments = (Partials(x, sz.new, sz.pixel_tiles if ghost else 0, sz.c, sz.quarter_tiles, moments=True)
                if training else None)
@@ -797,12 +823,14 @@ def forward(x: torch.Tensor, ghost: Ghost | None, dfc: Dfc | None, features: tor
     z1 = _dfc_conv(z0, dfc.horizontal_weight, dfc.bns[0], sz, False, training, moments, sz.new) if dfc else None
     if training:
         moments.finalize_moments(stats_mean, stats_var, sz.init, sz.c)
+        _sync_statistics(stats_mean, stats_var, stage_bns[1], sync_group)
     # stage 3: z2 (statistics: the last DFC BN)
     if dfc:
         moments = Partials(x, sz.c, sz.quarter_tiles, moments=True) if training else None
         z2 = _dfc_conv(z1, dfc.vertical_weight, dfc.bns[1], sz, True, training, moments, 0)
         if training:
             moments.finalize_moments(stats_mean, stats_var, sz.dfc_offset + 2 * sz.c, 0)
+            _sync_statistics(stats_mean, stats_var, stage_bns[2], sync_group)
 
     cells = _Cells(x, sz, dfc)
     _write_kernel[lambda meta: ((triton.cdiv(sz.init, meta["BC"]) if ghost else 0)
@@ -843,17 +871,59 @@ def _weight_grad_split(x: torch.Tensor, sz: _Sizes) -> int:
     return max(1, min(sz.quad_tiles, 2 * _multiprocessors(x.device) // blocks))
 
 
+class _GroupGradSums:
+    """The BatchNorm gradient sums of a training backward whose BatchNorms synchronise over a process group.
+
+    The kernels read each BatchNorm's sums (``sum(g)``, ``sum(g * y_hat)``) from the returned gradient tensors and
+    divide them by the local count: :meth:`reduce` replaces them there by the group's sums times local / group
+    count (so the kernels take the group's means), and :meth:`restore` puts this process's sums back as the weight
+    and bias gradients (``nn.SyncBatchNorm``'s are local too). Reductions happen in the same order on every process,
+    BatchNorms in stage order: cheap and DFC 2, then primary and DFC 1, then DFC 0.
+    """
+
+    STAGES = ((1, 4), (0, 3), (2,))
+
+    def __init__(self, sz: _Sizes, sync_group: str | None, training: bool):
+        self.group = sync_group if training else None
+        full, quarter = sz.n * sz.H * sz.W, sz.n * sz.h * sz.w
+        self.counts = (full, full, quarter, quarter, quarter)
+        self.local = []
+
+    def reduce(self, stage: int, bn_grads) -> None:
+        """Reduce the sums of the BatchNorms of backward ``stage``; bn_grads(index) -> (sum g, sum g * y_hat)."""
+        if self.group is None:
+            return
+        for index in self.STAGES[stage]:
+            bias, weight = bn_grads(index)
+            self.local.append((bias, weight, bias.clone(), weight.clone()))
+            sums, group_count = distributed.group_grad_sums(torch.stack([bias, weight]), self.counts[index],
+                                                             self.group)
+            if self.counts[index] > 0:
+                bias.copy_(sums[0] * (self.counts[index] / group_count))
+                weight.copy_(sums[1] * (self.counts[index] / group_count))
+
+    def restore(self) -> None:
+        for bias, weight, local_bias, local_weight in self.local:
+            bias.copy_(local_bias)
+            weight.copy_(local_weight)
+
+
 def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: Dfc | None,
-             features: torch.Tensor | None, training: bool) -> Gradients:
+             features: torch.Tensor | None, training: bool, sync_group: str | None) -> Gradients:
     """The fused backward; the BatchNorm mean / var fields hold the statistics the forward normalised with.
 
     Sums over pixels (BatchNorm and depthwise / 1x1 weight gradients) are reduced from per-tile partials straight
-    into the returned tensors; later stages read the BatchNorm sums from there.
+    into the returned tensors; later stages read the BatchNorm sums from there (the process group's, see
+    :class:`_GroupGradSums`, when ``sync_group`` names one in training).
     """
     c_out = ghost.oup if ghost else features.shape[1]
     sz = _Sizes(x, ghost, dfc, c_out)
+    group_sums = _GroupGradSums(sz, sync_group, training)
     if sz.n == 0:
-        return _empty_gradients(x, ghost, dfc, features, sz)
+        grads = _empty_gradients(x, ghost, dfc, features, sz)
+        for stage in range(len(group_sums.STAGES)):  # this process takes part in the group's reductions
+            group_sums.reduce(stage, lambda index: _bn_slices(grads, sz, index))
+        return grads
     x = x.contiguous(memory_format=sz.fmt)
     grad_out = grad_out.contiguous(memory_format=sz.fmt)
     if features is not None:
@@ -864,10 +934,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
     grads = _allocate_gradients(x, ghost, dfc, features, sz)
 
     def bn_grads(index):
-        """BatchNorm ``index``'s (in op order) sum(grad) and sum(grad * y_hat): its bias and weight gradients."""
-        start = (0, sz.init, sz.dfc_offset, sz.dfc_offset + sz.c, sz.dfc_offset + 2 * sz.c)[index]
-        size = (sz.init, sz.new, sz.c, sz.c, sz.c)[index]
-        return grads.bn_bias[start:start + size], grads.bn_weight[start:start + size]
+        return _bn_slices(grads, sz, index)
 
     # recompute the forward's stored intermediates
     y1, z0 = _project(x, sz, ghost, dfc, False, None)
@@ -895,6 +962,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
             gate_parts, z2, *gate_bn, dz2n, partials.buffer, partials.t_max, 2 * sz.new, sz.n, sz.c, sz.h, sz.w,
             CL=sz.cl, ACC=sz.acc, BQ=sz.quarter_block)
     partials.sum_into(*bn_grads(1), *bn_grads(4))
+    group_sums.reduce(0, bn_grads)
 
     # stage 2: into the primary branch (Ghost), through the vertical conv (DFC)
     ghost_rows = 2 * sz.init + sz.new * sz.dw * sz.dw
@@ -912,6 +980,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
         _dfc_conv_grad(dz2n, z2, dfc.bns[2], bn_grads(4), z1, dfc.vertical_weight, dfc.bns[1], dz1n, partials,
                        ghost_rows, sz, True, training)
     partials.sum_into(*bn_grads(0), grads.cheap_weight, *bn_grads(3), grads.vertical_weight)
+    group_sums.reduce(1, bn_grads)
 
     # stage 3: through the horizontal conv (DFC)
     if dfc:
@@ -920,6 +989,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
         _dfc_conv_grad(dz1n, z1, dfc.bns[1], bn_grads(3), z0, dfc.horizontal_weight, dfc.bns[0], dz0n, partials, 0,
                        sz, False, training)
         partials.sum_into(*bn_grads(2), grads.horizontal_weight)
+    group_sums.reduce(2, bn_grads)
 
     # stage 4: through the 1x1 convolutions (and the pooling) into x and the weights
     primary_grad = (dpre1, y1, *_bn(ghost.primary_bn, x), *bn_grads(0)) if ghost else (x, x, *_bn(None, x), x, x)
@@ -935,7 +1005,15 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, ghost: Ghost | None, dfc: 
         x, *primary_grad, *dfc_grad, partials.buffer, split, sz.n, sz.cin, sz.H, sz.W, sz.init, sz.c,
         TRAINING=training, CL=sz.cl, ACC=sz.acc, BQ=sz.quad_block)
     partials.sum_into(grads.primary_weight, grads.conv_weight)
+    group_sums.restore()
     return _present(grads, ghost, dfc, features)
+
+
+def _bn_slices(grads: Gradients, sz: _Sizes, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm ``index``'s (in op order) sum(grad) and sum(grad * y_hat): its bias and weight gradients."""
+    start = (0, sz.init, sz.dfc_offset, sz.dfc_offset + sz.c, sz.dfc_offset + 2 * sz.c)[index]
+    size = (sz.init, sz.new, sz.c, sz.c, sz.c)[index]
+    return grads.bn_bias[start:start + size], grads.bn_weight[start:start + size]
 
 
 def _dfc_conv_grad(dzn_out, z_out, bn_out, out_sums, z_in, weight, bn_in, dzn_in, partials: Partials, row, sz,

@@ -4,14 +4,14 @@
 
 #define GHOSTFUSED_GHOST_CONCAT_ARGS                                                                   \
   "Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor[] bn_weight, Tensor[] bn_bias, "      \
-  "Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, int oup, bool relu, bool training"
+  "Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, int oup, bool relu, bool training, str? sync_group"
 
 #define GHOSTFUSED_DFC_ATTENTION_ARGS                                                                  \
   "Tensor x, Tensor features, Tensor conv_weight, Tensor horizontal_weight, Tensor vertical_weight, " \
   "Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, "         \
-  "str upsample, bool training"
+  "str upsample, bool training, str? sync_group"
 
 #define GHOSTFUSED_GHOST_ATTN_ARGS                                                                     \
   "Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor conv_weight, Tensor horizontal_weight, " \
   "Tensor vertical_weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, "  \
-  "float[] bn_eps, int oup, bool relu, str upsample, bool training"
+  "float[] bn_eps, int oup, bool relu, str upsample, bool training, str? sync_group"

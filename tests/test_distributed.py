@@ -231,8 +231,9 @@ def test_sync_batch_norm_matches_the_global_batch(scenario, backend):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", cuda_backends())
-@pytest.mark.parametrize("scenario", ["ddp_batch_norm", "ddp_sync_batch_norm", "sync_batch_norm"])
+@pytest.mark.parametrize("scenario", ["ddp_batch_norm", "ddp_sync_batch_norm", "sync_batch_norm",
+                                      "sync_batch_norm_empty_process", "sync_dfc_attention"])
 def test_distributed_on_gpu(scenario, backend):
     """Both processes on the one GPU (gloo): DDP with BatchNorm2d and with nn.SyncBatchNorm's own CUDA path as the
-    eager reference, and the global-batch check."""
+    eager reference, and the global-batch checks."""
     _spawn(scenario, device="cuda:0", backend=backend)

@@ -5,12 +5,15 @@ size, the cheap kernel size and ratio, the upsampling mode, ReLU or not, train o
 channels_last, a non-dense view) and the dtype (float64, float32); forward, input and parameter gradients, running
 statistics and the output's layout must match eager PyTorch computing in float64 on the same values.
 
+Lower-precision training cases whose DFC BatchNorms see two values per channel run in float64 (``_well_posed``).
+
 The "ci" hypothesis profile (the default, tests/conftest.py) runs a few derandomized examples; the long fuzzing run
 is ``pytest tests/test_fuzz.py --hypothesis-profile=long``. A backend that runs in an interpreter (Triton without a
 GPU) gets smaller shapes and a fifth of the examples.
 """
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -93,6 +96,18 @@ def _pooled_count(n: int, h: int, w: int) -> int:
     return n * (h // 2) * (w // 2)
 
 
+def _well_posed(case):
+    """``case``, in float64 when it is a lower-precision training case whose DFC BatchNorms see two values per
+    channel. Over two values a BatchNorm's input gradient is zero up to eps terms, and every gradient upstream of it
+    is ill-conditioned: rounding noise of its terms amplified by 1 / sigma, which no float32 summation order (eager
+    PyTorch's included) keeps near the float64 truth. In float64 the same configuration is compared at float64's
+    tolerance."""
+    has_dfc = getattr(case, "mode", "attn") == "attn"
+    if case.training and has_dfc and case.dtype != torch.float64 and _pooled_count(case.n, case.h, case.w) == 2:
+        return dataclasses.replace(case, dtype=torch.float64)
+    return case
+
+
 def _assert_state_matches(truth: nn.Module, fused: nn.Module, dtype: torch.dtype, eager: nn.Module | None) -> None:
     """Parameter gradients and buffers of ``fused`` (in ``dtype``) against those of the float64 ``truth`` (and of
     ``eager``, the eager module in ``dtype``, for its rounding errors: see ``assert_close_to_truth``)."""
@@ -125,6 +140,7 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch
 
 
 def check_module_case(case: ModuleCase, backend: str) -> None:
+    case = _well_posed(case)
     torch.manual_seed(case.seed)
     module = ghost_module(case.inp, case.oup, mode=case.mode, dtype=case.dtype, ratio=case.ratio,
                           dw_size=case.dw_size, dfc_kernel_size=case.dfc_kernel_size, upsample=case.upsample,
@@ -193,6 +209,7 @@ def _eager_dfc(short: nn.Module, x, features, grad, case: DfcCase, dtype: torch.
 
 
 def check_dfc_case(case: DfcCase, backend: str) -> None:
+    case = _well_posed(case)
     torch.manual_seed(case.seed)
     short = ghost_module(case.inp, case.channels, mode="attn", dfc_kernel_size=case.kernel_size,
                          dtype=case.dtype).short_conv.train(case.training)

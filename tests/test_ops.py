@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from ghostfused import ops
+from ghostfused.ops import define
 
 from helpers import assert_close, assert_modules_match, cpu_backends, fused_copy, ghost_module, run_step
 
@@ -162,3 +165,39 @@ def test_dfc_attention_op_matches_reference(backend):
     out = ops.dfc_attention(x, features, s[0].weight, s[1], s[2].weight, s[3], s[4].weight, s[5], backend=backend)
     expected = features * F.interpolate(torch.sigmoid(s(F.avg_pool2d(x, 2))), size=(7, 6), mode="nearest")
     assert_close(out, expected, dtype, "dfc_attention")
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inference_skips_the_dispatcher_only_when_nothing_observes_the_op(backend, training):
+    """Without autograd (no_grad), compiler, tracer, dispatch mode or subclass, ``run_fused_op`` calls the op's
+    implementation directly (no dispatcher round trip); the result is that of the dispatched op."""
+    module = fused_copy(ghost_module(3, 5, mode="attn", dtype=torch.float64), backend).train(training)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        with _RecordOps() as recorded:
+            observed = module(x)
+        module.load_state_dict(state)
+        direct = module(x)
+    assert "ghostfused.ghost_attn" in recorded.names  # a dispatch mode sees the custom op
+    torch.testing.assert_close(direct, observed, rtol=0, atol=0)
+    args = (x, torch.randn(2, requires_grad=True), "cpu")
+    assert define._unobserved(args[:1] + args[2:]) and not define._unobserved(args)
+    with torch.no_grad():
+        assert define._unobserved(args)
+        assert not define._unobserved((torch.nn.Parameter(x).as_subclass(_Subclass), "cpu"))
+
+
+class _Subclass(torch.Tensor):
+    pass

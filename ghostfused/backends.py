@@ -45,8 +45,14 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
 
 
+# Backends whose forward returns the primary convolution's output in training, for their backward to read instead of
+# recomputing it (see ghostfused.ops.define).
+SAVES_PRIMARY = ("cpu",)
+
+
 class Implementation(NamedTuple):
-    """One backend's forward and backward of one op, with the arguments of ``ghostfused::<op>`` (no backend)."""
+    """One backend's forward and backward of one op, with the arguments of ``ghostfused::<op>`` (no backend):
+    ``forward(*args) -> (out, stats_mean, stats_var, saved)``, ``backward(grad_out, saved, *args)``."""
 
     forward: Callable
     backward: Callable
@@ -184,13 +190,23 @@ def implementation(name: str, op: str) -> Implementation:
     if name == "eager":
         reference = importlib.import_module("ghostfused.reference")
         forward = getattr(reference, op)
-        return Implementation(forward, functools.partial(_autograd_backward, forward))
+        return _saving_nothing(forward, functools.partial(_autograd_backward, forward))
     if name == "triton":
         module = importlib.import_module(f"ghostfused.triton.{op}")
-        return Implementation(module.forward, module.backward)
+        return _saving_nothing(module.forward, module.backward)
     extension()  # loading it registers the ghostfused_C ops
     ops = torch.ops.ghostfused_C
     return Implementation(getattr(ops, f"{op}_forward"), getattr(ops, f"{op}_backward"))
+
+
+def _saving_nothing(forward: Callable, backward: Callable) -> Implementation:
+    """The implementation of a backend that recomputes what its backward needs: an empty ``saved``."""
+
+    def forward_saving_nothing(*args):
+        out, stats_mean, stats_var = forward(*args)
+        return out, stats_mean, stats_var, stats_mean.new_empty((0,))
+
+    return Implementation(forward_saving_nothing, lambda grad_out, saved, *args: backward(grad_out, *args))
 
 
 def _autograd_backward(forward: Callable, grad_out: torch.Tensor, *args):

@@ -1,6 +1,7 @@
 """Shared test helpers: random Ghost modules, the fused copy of a module, and comparisons with the reference."""
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -8,6 +9,8 @@ import torch.nn as nn
 import ghostfused
 from ghostfused import backends, reference
 from ghostfused.testing import randomize_batch_norms
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 TOLERANCES = {  # (rtol, atol) for comparing a backend with the eager reference
     torch.float64: (1e-9, 1e-9),
@@ -60,3 +63,39 @@ def run_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     out = module(x)
     out.backward(grad)
     return out.detach(), x.grad
+
+
+def _bn_lists(channels, dtype, device):
+    """bn_weight, bn_bias, bn_mean, bn_var, bn_eps lists with non-trivial values, one BN per entry of channels."""
+    lists = [[], [], [], [], []]
+    for c in channels:
+        lists[0].append(torch.rand(c, dtype=dtype, device=device) + 0.5)
+        lists[1].append(torch.randn(c, dtype=dtype, device=device) * 0.2)
+        lists[2].append(torch.randn(c, dtype=dtype, device=device) * 0.2)
+        lists[3].append(torch.rand(c, dtype=dtype, device=device) + 0.5)
+        lists[4].append(1e-5)
+    return lists
+
+
+def op_arguments(op, n, cin, oup, H, W, training, *, k=5, dw=3, ratio=2, relu=True, upsample="nearest",
+                 dtype=torch.float64, channels_last=False, device=None):
+    """The schema arguments (without backend; sync_group None) of ``op`` for random tensors of the given sizes, on
+    ``device`` (default: the GPU when there is one)."""
+    device = device or DEVICE
+    init = math.ceil(oup / ratio)
+    new = init * (ratio - 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=dtype, device=device) * scale
+
+    x = randn(n, cin, H, W).contiguous(memory_format=fmt)
+    primary = (randn(init, cin, 1, 1, scale=0.5), randn(new, 1, dw, dw, scale=0.3))
+    dfc = (randn(oup, cin, 1, 1, scale=0.5), randn(oup, 1, 1, k, scale=0.4), randn(oup, 1, k, 1, scale=0.4))
+    if op == "ghost_concat":
+        return [x, *primary, *_bn_lists((init, new), dtype, device), oup, relu, training, None]
+    if op == "dfc_attention":
+        features = randn(n, oup, H, W).contiguous(memory_format=fmt)
+        return [x, features, *dfc, *_bn_lists((oup,) * 3, dtype, device), upsample, training, None]
+    return [x, *primary, *dfc, *_bn_lists((init, new, oup, oup, oup), dtype, device), oup, relu, upsample, training,
+            None]

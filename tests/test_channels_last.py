@@ -39,9 +39,9 @@ class _KernelCalls:
                 self.forward.append((args[0], result[0]))
                 return result
 
-            def backward(grad_out, *args):
+            def backward(grad_out, saved, *args):
                 self.backward.append(grad_out)
-                return inner.backward(grad_out, *args)
+                return inner.backward(grad_out, saved, *args)
 
             return backends.Implementation(forward, backward)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import ghostfused
 from ghostfused import ops
 
-from helpers import assert_close, assert_modules_match, fused_copy, ghost_module
+from helpers import assert_close, assert_modules_match, fused_copy, ghost_module, op_arguments
 
 pytestmark = pytest.mark.skipif("cpu" not in ghostfused.available_backends(),
                                 reason="the C++ extension with its cpu kernels is not built")
@@ -272,6 +272,31 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(op, shape):
         assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
 
 
+@pytest.mark.parametrize("op", ["ghost_concat", "ghost_attn"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_saved_primary_output_gives_the_recomputed_gradients(op, dtype):
+    """A training forward returns y1 (flat, in the compute dtype) as ``saved``; the backward reading it gives bitwise
+    the gradients of a backward that recomputes it, and refuses a ``saved`` of the wrong size."""
+    args = op_arguments(op, 3, 5, 7, 6, 9, True, dtype=dtype, device="cpu")
+    forward, backward = getattr(torch.ops.ghostfused_C, f"{op}_forward"), getattr(torch.ops.ghostfused_C,
+                                                                                 f"{op}_backward")
+    out, mean, var, saved = forward(*args)
+    init = args[1].shape[0]
+    assert saved.shape == (3 * init * 6 * 9,)
+    assert saved.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    b = 3 if op == "ghost_concat" else 6
+    sizes = [w.shape[0] for w in args[b]]
+    args[b + 2], args[b + 3] = list(mean.split(sizes)), list(var.split(sizes))
+    grad = torch.randn_like(out)
+    with_saved = backward(grad, saved, *args)
+    recomputed = backward(grad, torch.empty(0), *args)
+    for i, (a, r) in enumerate(zip(with_saved, recomputed)):
+        assert torch.equal(a, r), f"gradient {i}"
+    assert forward(*args[:-2], False, None)[3].numel() == 0  # eval saves nothing
+    with pytest.raises(RuntimeError, match="saved must be the primary convolution's output"):
+        backward(grad, saved[1:], *args)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The shared host/device math (csrc/include/ghostfused), through the test hooks of ghostfused._C.
 
@@ -395,8 +420,8 @@ BAD_INPUT_SCRIPT = textwrap.dedent('''
         "bn_eps": lambda: C.ghost_concat_forward(x, *ghost(), *bns(3, 3)[:4], [1e-5, 0.0], 6, True, False, None),
         "training_one_value": lambda: C.ghost_concat_forward(torch.randn(1, 4, 1, 1), *ghost(), *bns(3, 3), 6,
                                                              True, True, None),
-        "grad_out_shape": lambda: C.ghost_concat_backward(torch.randn(2, 5, 6, 5), x, *ghost(), *bns(3, 3), 6,
-                                                          True, True, None),
+        "grad_out_shape": lambda: C.ghost_concat_backward(torch.randn(2, 5, 6, 5), torch.empty(0), x, *ghost(),
+                                                          *bns(3, 3), 6, True, True, None),
         "attn_too_small": lambda: C.ghost_attn_forward(torch.randn(2, 4, 1, 5), *ghost(), *dfc(),
                                                        *bns(3, 3, 6, 6, 6), 6, True, "nearest", False, None),
         "kernel_even": lambda: C.ghost_attn_forward(x, *ghost(), *dfc(k=4), *bns(3, 3, 6, 6, 6), 6, True,
@@ -413,8 +438,9 @@ BAD_INPUT_SCRIPT = textwrap.dedent('''
                                                           *bns(6, 6, 6), "nearest", False, None),
         "conv_channels": lambda: C.dfc_attention_forward(x, torch.randn(2, 6, 6, 5), *dfc(c=5), *bns(6, 6, 6),
                                                          "nearest", False, None),
-        "dfc_grad_out": lambda: C.dfc_attention_backward(torch.randn(2, 6, 6, 4), x, torch.randn(2, 6, 6, 5),
-                                                         *dfc(), *bns(6, 6, 6), "nearest", True, None),
+        "dfc_grad_out": lambda: C.dfc_attention_backward(torch.randn(2, 6, 6, 4), torch.empty(0), x,
+                                                         torch.randn(2, 6, 6, 5), *dfc(), *bns(6, 6, 6), "nearest",
+                                                         True, None),
     }
     results = {}
     for name, call in cases.items():

@@ -7,7 +7,6 @@ and float32, on small shapes; outputs are NaN-poisoned before each launch. Tests
 
 import copy
 import importlib.util
-import math
 import os
 import pathlib
 import subprocess
@@ -20,50 +19,18 @@ import torch.nn.functional as F
 import ghostfused
 from ghostfused import backends, reference
 
-from helpers import assert_close, assert_modules_match, fused_copy, ghost_module, run_step
+from helpers import assert_close, assert_modules_match, fused_copy, ghost_module, op_arguments, run_step
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton") is not None, reason="triton cannot run here")
 
 GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
+
+
+NOTHING_SAVED = torch.empty(0)  # the `saved` argument of a backend backward that recomputes everything
 
 
 def _triton(op):
     return importlib.import_module(f"ghostfused.triton.{op}")
-
-
-def _bn_lists(channels, dtype, device):
-    """bn_weight, bn_bias, bn_mean, bn_var, bn_eps lists with non-trivial values, one BN per entry of channels."""
-    lists = [[], [], [], [], []]
-    for c in channels:
-        lists[0].append(torch.rand(c, dtype=dtype, device=device) + 0.5)
-        lists[1].append(torch.randn(c, dtype=dtype, device=device) * 0.2)
-        lists[2].append(torch.randn(c, dtype=dtype, device=device) * 0.2)
-        lists[3].append(torch.rand(c, dtype=dtype, device=device) + 0.5)
-        lists[4].append(1e-5)
-    return lists
-
-
-def op_arguments(op, n, cin, oup, H, W, training, *, k=5, dw=3, ratio=2, relu=True, upsample="nearest",
-                 dtype=torch.float64, channels_last=False, device=DEVICE):
-    """The schema arguments (without backend) of ``op`` for random tensors of the given sizes."""
-    init = math.ceil(oup / ratio)
-    new = init * (ratio - 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, dtype=dtype, device=device) * scale
-
-    x = randn(n, cin, H, W).contiguous(memory_format=fmt)
-    primary = (randn(init, cin, 1, 1, scale=0.5), randn(new, 1, dw, dw, scale=0.3))
-    dfc = (randn(oup, cin, 1, 1, scale=0.5), randn(oup, 1, 1, k, scale=0.4), randn(oup, 1, k, 1, scale=0.4))
-    if op == "ghost_concat":
-        return [x, *primary, *_bn_lists((init, new), dtype, device), oup, relu, training, None]
-    if op == "dfc_attention":
-        features = randn(n, oup, H, W).contiguous(memory_format=fmt)
-        return [x, features, *dfc, *_bn_lists((oup,) * 3, dtype, device), upsample, training, None]
-    return [x, *primary, *dfc, *_bn_lists((init, new, oup, oup, oup), dtype, device), oup, relu, upsample, training,
-            None]
 
 
 def _bn_index(op):
@@ -75,7 +42,7 @@ def compare_with_reference(op, args, dtype, scale=1.0):
     """Forward (output, statistics, layout) and every gradient of the triton op against the eager backend."""
     triton_op, eager = _triton(op), backends.implementation("eager", op)
     out, mean, var = triton_op.forward(*args)
-    ref_out, ref_mean, ref_var = eager.forward(*args)
+    ref_out, ref_mean, ref_var, _ = eager.forward(*args)
     assert_close(out, ref_out, dtype, "output", scale)
     assert_close(mean, ref_mean, dtype, "stats_mean", scale)
     assert_close(var, ref_var, dtype, "stats_var", scale)
@@ -86,7 +53,7 @@ def compare_with_reference(op, args, dtype, scale=1.0):
     backward_args = list(args)
     backward_args[b + 2], backward_args[b + 3] = list(ref_mean.split(sizes)), list(ref_var.split(sizes))
     actual = triton_op.backward(grad, *backward_args)
-    expected = eager.backward(grad, *backward_args)
+    expected = eager.backward(grad, NOTHING_SAVED, *backward_args)
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert a.dtype == e.dtype and a.shape == e.shape, f"gradient {i}"
@@ -157,7 +124,7 @@ def test_empty_batch_launches_nothing(op, training, monkeypatch):
     monkeypatch.setattr(stages, "_project", no_launch)
     args = op_arguments(op, 0, 3, 4, 4, 5, training)
     out, mean, var = _triton(op).forward(*args)
-    ref_out, ref_mean, ref_var = backends.implementation("eager", op).forward(*args)
+    ref_out, ref_mean, ref_var, _ = backends.implementation("eager", op).forward(*args)
     assert out.shape == ref_out.shape
     torch.testing.assert_close((mean, var), (ref_mean, ref_var))
     grads = _triton(op).backward(torch.zeros_like(out), *args)
@@ -374,7 +341,7 @@ def test_half_precision_on_gpu(dtype, op, training, shape):
         args[i] = [t.float() for t in args[i]]
     reference_args = _to(args, torch.float32)
     out, mean, var = _triton(op).forward(*args)
-    ref_out, ref_mean, ref_var = backends.implementation("eager", op).forward(*reference_args)
+    ref_out, ref_mean, ref_var, _ = backends.implementation("eager", op).forward(*reference_args)
     assert out.dtype == dtype
     assert_close(out.float(), ref_out, dtype, "output")
     assert_close(mean, ref_mean, dtype, "stats_mean")
@@ -384,7 +351,7 @@ def test_half_precision_on_gpu(dtype, op, training, shape):
     for a in (args, reference_args):
         a[bn + 2], a[bn + 3] = list(ref_mean.split(sizes)), list(ref_var.split(sizes))
     actual = _triton(op).backward(grad.to(dtype), *args)
-    expected = backends.implementation("eager", op).backward(grad, *reference_args)
+    expected = backends.implementation("eager", op).backward(grad, NOTHING_SAVED, *reference_args)
     for i, (a, e) in enumerate(zip(actual, expected)):
         scale = 1 + e.abs().max().item()  # weight / BN gradients sum many pixels: tolerance relative to their size
         assert_close(a.float(), e, dtype, f"gradient {i}", scale)

@@ -540,7 +540,7 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::dfc_attention_forward";
 constexpr const char* kBackward = "ghostfused_C::dfc_attention_backward";
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
     const at::Tensor& x, const at::Tensor& features, const at::Tensor& conv_weight,
     const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
@@ -566,12 +566,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
     }
     std::tie(mean, var) = packed_statistics({&g.bns[0], &g.bns[1], &g.bns[2]}, x);
   });
-  return {as_output(out, x), mean, var};
+  return {as_output(out, x), mean, var, at::empty({0}, xd.options())};  // the backward recomputes the gate
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& features,
-                       const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& /*saved*/, const at::Tensor& x,
+                       const at::Tensor& features, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
                        const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                        at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
                        c10::string_view upsample, bool training, std::optional<c10::string_view> sync_group) {

@@ -16,7 +16,7 @@ std::pair<std::vector<BatchNorm>, std::vector<BatchNorm>> split_batch_norms(std:
   return {{bns[0], bns[1]}, {bns[2], bns[3], bns[4]}};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
     const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
     at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
   const at::Tensor xd = nhwc ? dense_channels_last(x, dtype) : dense(x, dtype);
   at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, xd.options(),
                                 nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  at::Tensor mean, var;
+  at::Tensor mean, var, saved = at::empty({0}, xd.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_attn_forward", [&] {
     const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                                                    std::move(dfc_bns), s.dfc, training, false);
@@ -45,20 +45,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
       return;
     }
     const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
-                                                           ghost_bns[1], gs, relu, training);
+                                                           ghost_bns[1], gs, relu, training, at::Tensor());
     ghost_write(b, &gate, out.data_ptr<scalar_t>());
     std::tie(mean, var) = packed_statistics({&b.primary_bn, &b.cheap_bn, &g.bns[0], &g.bns[1], &g.bns[2]}, x);
+    saved = saved_primary(b, training);
   });
-  return {as_output(out, x), mean, var};
+  return {as_output(out, x), mean, var, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight,
-                    const at::Tensor& cheap_weight, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
-                    const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
-                    at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu,
-                    c10::string_view upsample, bool training,
-    std::optional<c10::string_view> sync_group) {
+ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& x,
+                    const at::Tensor& primary_weight, const at::Tensor& cheap_weight, const at::Tensor& conv_weight,
+                    const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight, at::TensorList bn_weight,
+                    at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+                    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training,
+                    std::optional<c10::string_view> sync_group) {
   const SyncGroup sync(sync_group);
   const GhostAttnSizes s = check_ghost_attn_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight,
     horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, std::string(upsample),
@@ -73,7 +74,7 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                                                    std::move(dfc_bns), s.dfc, false, true);
     const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
-                                                           ghost_bns[1], s.ghost, relu, false);
+                                                           ghost_bns[1], s.ghost, relu, false, saved);
     const Gate<scalar_t> gate = g.view();
     at::Tensor dgate = at::empty_like(g.gate);
     ghost = ghost_backward(b, grad.data_ptr<scalar_t>(), &gate, dgate.data_ptr<scalar_t>(), training);

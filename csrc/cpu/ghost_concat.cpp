@@ -143,7 +143,7 @@ std::vector<GradSums> cheap_grad_sums(const GhostBranch<T>& g, const T* grad_out
 template <typename T>
 GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
                             BatchNorm primary_bn, BatchNorm cheap_bn, const GhostSizes& sizes, bool relu,
-                            bool batch_statistics) {
+                            bool batch_statistics, const at::Tensor& saved_y1) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
   const GhostSizes& s = sizes;
   GhostBranch<T> g{sizes,
@@ -156,7 +156,15 @@ GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weigh
                    std::move(cheap_bn),
                    {},
                    {}};
-  g.y1 = conv1x1(g.x, g.primary_weight);
+  if (!saved_y1.defined() || saved_y1.numel() == 0) {
+    g.y1 = conv1x1(g.x, g.primary_weight);
+  } else {
+    TORCH_CHECK(saved_y1.scalar_type() == dtype && saved_y1.numel() == s.batch * s.init * s.height * s.width &&
+                    saved_y1.is_contiguous(),
+                "saved must be the primary convolution's output its forward returned: ", s.batch * s.init * s.height *
+                s.width, " contiguous values of ", dtype, ", got ", saved_y1.numel(), " of ", saved_y1.scalar_type());
+    g.y1 = saved_y1.view({s.batch, s.init, s.height * s.width});
+  }
   if (batch_statistics)
     set_batch_statistics(g.primary_bn, channel_moments(g.y1.template data_ptr<T>(), s.batch, s.init,
                                                        s.height * s.width));
@@ -164,6 +172,11 @@ GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weigh
   if (batch_statistics) set_batch_statistics(g.cheap_bn, cheap_moments(g));
   g.cheap_affine = folded<T>(g.cheap_bn);
   return g;
+}
+
+template <typename T>
+at::Tensor saved_primary(const GhostBranch<T>& g, bool training) {
+  return training ? g.y1.view(-1) : at::empty({0}, g.y1.options());
 }
 
 template <typename T>
@@ -443,7 +456,8 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
 
 #define GHOSTFUSED_INSTANTIATE(T)                                                                               \
   template GhostBranch<T> ghost_branch<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, BatchNorm,    \
-                                          BatchNorm, const GhostSizes&, bool, bool);                             \
+                                          BatchNorm, const GhostSizes&, bool, bool, const at::Tensor&);          \
+  template at::Tensor saved_primary<T>(const GhostBranch<T>&, bool);                                             \
   template void ghost_write<T>(const GhostBranch<T>&, const Gate<T>*, T*);                                       \
   template GhostGrads ghost_backward<T>(const GhostBranch<T>&, const T*, const Gate<T>*, T*, bool);              \
   template void ghost_forward_nhwc<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const BatchNorm&,    \
@@ -457,7 +471,7 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::ghost_concat_forward";
 constexpr const char* kBackward = "ghostfused_C::ghost_concat_backward";
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
     bool relu, bool training, std::optional<c10::string_view> sync_group) {
@@ -469,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
   const bool nhwc = takes_nhwc_path(x, training);
   at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype),
                                 nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  at::Tensor mean, var;
+  at::Tensor mean, var, saved = at::empty({0}, x.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
     if (nhwc) {
       ghost_forward_nhwc<scalar_t>(dense_channels_last(x, dtype), primary_weight, cheap_weight, bns[0], bns[1], s,
@@ -478,17 +492,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
       return;
     }
     const GhostBranch<scalar_t> g =
-        ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training);
+        ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training, at::Tensor());
     ghost_write<scalar_t>(g, nullptr, out.data_ptr<scalar_t>());
     std::tie(mean, var) = packed_statistics({&g.primary_bn, &g.cheap_bn}, x);
+    saved = saved_primary(g, training);
   });
-  return {as_output(out, x), mean, var};
+  return {as_output(out, x), mean, var, saved};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
-    at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, bool training, std::optional<c10::string_view> sync_group) {
+    const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& x, const at::Tensor& primary_weight,
+    const at::Tensor& cheap_weight, at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
+    at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu, bool training,
+    std::optional<c10::string_view> sync_group) {
   const SyncGroup sync(sync_group);
   const GhostSizes s = check_ghost_concat_arguments(kBackward, x, primary_weight, cheap_weight, bn_weight, bn_bias,
     bn_mean, bn_var, bn_eps, oup, training && !sync.active());
@@ -499,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_con
   GhostGrads grads;
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_backward", [&] {
     const GhostBranch<scalar_t> g =
-        ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, false);
+        ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, false, saved);
     grads = ghost_backward<scalar_t>(g, grad.data_ptr<scalar_t>(), nullptr, nullptr, training);
   });
   return {grads.x.view(x.sizes()).to(x.scalar_type()),

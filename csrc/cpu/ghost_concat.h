@@ -19,11 +19,17 @@ struct GhostBranch {
 };
 
 // The primary convolution y1 and the BatchNorms' statistics: the batch statistics when batch_statistics (one
-// read of y1, one of y1 recomputing the cheap convolution), else the given bn mean / var.
+// read of y1, one of y1 recomputing the cheap convolution), else the given bn mean / var. saved_y1: y1 as a forward
+// returned it (flat, in T), read instead of recomputing the GEMM; undefined or empty: computed here.
 template <typename T>
 GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
                             BatchNorm primary_bn, BatchNorm cheap_bn, const GhostSizes& sizes, bool relu,
-                            bool batch_statistics);
+                            bool batch_statistics, const at::Tensor& saved_y1);
+
+// What a training forward returns as `saved` (the primary convolution's output, flat), and an empty tensor in eval
+// (ghostfused/ops/define.py).
+template <typename T>
+at::Tensor saved_primary(const GhostBranch<T>& branch, bool training);
 
 // out [N, oup, H, W] (dense NCHW) = cat(act(BN0(y1)), act(BN1(depthwise(.))))[:, :oup], times the upsampled gate
 // when one is given (gate channel c multiplies output channel c). One pass over y1, cache-blocked over rows,

@@ -54,6 +54,9 @@ struct DeviceBatchNormGrad {
 DeviceBatchNormGrad batch_norm_backward(const DeviceBatchNorm& bn, const at::Tensor& partials, int64_t count,
                                         bool training, const at::Tensor& x);
 
+// The forward's `saved` result: the CUDA backward recomputes what it needs (ghostfused/ops/define.py).
+at::Tensor nothing_saved(const at::Tensor& x);
+
 // The op's packed statistics / BatchNorm gradients: the double [C] tensors concatenated, in the stats dtype of x.
 at::Tensor packed(const std::vector<at::Tensor>& values, const at::Tensor& x);
 

@@ -116,7 +116,7 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::dfc_attention_forward";
 constexpr const char* kBackward = "ghostfused_C::dfc_attention_backward";
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
     const at::Tensor& x, const at::Tensor& features, const at::Tensor& conv_weight,
     const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
@@ -132,12 +132,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward(
                                   current_stream()),
         "gate_product");
   return {out.contiguous(memory_format_of(x)), packed({d.bns[0].mean, d.bns[1].mean, d.bns[2].mean}, x),
-          packed({d.bns[0].var, d.bns[1].var, d.bns[2].var}, x)};
+          packed({d.bns[0].var, d.bns[1].var, d.bns[2].var}, x), nothing_saved(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& features,
-                       const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
+dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& /*saved*/, const at::Tensor& x,
+                       const at::Tensor& features, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
                        const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
                        at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
                        c10::string_view upsample, bool training, std::optional<c10::string_view> sync_group) {

@@ -29,7 +29,7 @@ States states(const at::Tensor& x, const at::Tensor& primary_weight, const at::T
   return {std::move(ghost), std::move(dfc)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
     const at::Tensor& conv_weight, const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight,
     at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
@@ -51,15 +51,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     means.push_back(bn->mean);
     vars.push_back(bn->var);
   }
-  return {out.contiguous(memory_format_of(x)), packed(means, x), packed(vars, x)};
+  return {out.contiguous(memory_format_of(x)), packed(means, x), packed(vars, x), nothing_saved(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight,
-                    const at::Tensor& cheap_weight, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
-                    const at::Tensor& vertical_weight, at::TensorList bn_weight, at::TensorList bn_bias,
-                    at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu,
-                    c10::string_view upsample, bool training,
+ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& /*saved*/, const at::Tensor& x,
+                    const at::Tensor& primary_weight, const at::Tensor& cheap_weight, const at::Tensor& conv_weight,
+                    const at::Tensor& horizontal_weight, const at::Tensor& vertical_weight, at::TensorList bn_weight,
+                    at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
+                    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, c10::string_view upsample, bool training,
                     std::optional<c10::string_view> sync_group) {
   const SyncGroup sync(sync_group);
   const GhostAttnSizes s = check_ghost_attn_arguments(kBackward, x, primary_weight, cheap_weight, conv_weight,

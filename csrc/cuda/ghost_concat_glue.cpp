@@ -105,7 +105,7 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::ghost_concat_forward";
 constexpr const char* kBackward = "ghostfused_C::ghost_concat_backward";
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
     const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight, at::TensorList bn_weight,
     at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup,
     bool relu, bool training, std::optional<c10::string_view> sync_group) {
@@ -118,13 +118,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
   check(cuda::launch_ghost_write(g.args({nullptr, 0, 0, 0, true}), out.data_ptr(), current_stream()),
         "ghost_write");
   return {out.contiguous(memory_format_of(x)), packed({g.primary_bn.mean, g.cheap_bn.mean}, x),
-          packed({g.primary_bn.var, g.cheap_bn.var}, x)};
+          packed({g.primary_bn.var, g.cheap_bn.var}, x), nothing_saved(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
-    at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
-    at::ArrayRef<double> bn_eps, int64_t oup, bool relu, bool training,
+    const at::Tensor& grad_out, const at::Tensor& /*saved*/, const at::Tensor& x, const at::Tensor& primary_weight,
+    const at::Tensor& cheap_weight, at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
+    at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t oup, bool relu, bool training,
     std::optional<c10::string_view> sync_group) {
   const SyncGroup sync(sync_group);
   const GhostSizes s = check_ghost_concat_arguments(kBackward, x, primary_weight, cheap_weight, bn_weight, bn_bias,

@@ -7,11 +7,13 @@ All fused ops share a calling convention, so the registration is written once he
   training`` among them), then ``str? sync_group`` (the ``torch.distributed`` process group whose whole batch the
   BatchNorms normalise over in training, see ``ghostfused.distributed``; None: the local batch), then ``str backend``
   (a concrete backend name, resolved by the caller);
-* ``ghostfused::<op>(...) -> (Tensor out, Tensor stats_mean, Tensor stats_var)`` returns the output and the packed
-  statistics the BatchNorms normalised with (see ``ghostfused.reference``);
-* ``ghostfused::<op>_backward(Tensor grad_out, ...same arguments, with the saved statistics as bn_mean / bn_var...)
-  -> (one gradient per leading tensor, Tensor grad_bn_weight, Tensor grad_bn_bias)``, the BatchNorm gradients
-  packed like the statistics.
+* ``ghostfused::<op>(...) -> (Tensor out, Tensor stats_mean, Tensor stats_var, Tensor saved)`` returns the output,
+  the packed statistics the BatchNorms normalised with (see ``ghostfused.reference``) and what the backend's backward
+  reads instead of recomputing it: the primary convolution's output y1 (flat, in the stats dtype, which is the
+  ``cpu`` kernels' compute dtype) for a backend of ``backends.SAVES_PRIMARY`` in training, else an empty tensor;
+* ``ghostfused::<op>_backward(Tensor grad_out, Tensor saved, ...same arguments, with the saved statistics as
+  bn_mean / bn_var...) -> (one gradient per leading tensor, Tensor grad_bn_weight, Tensor grad_bn_bias)``, the
+  BatchNorm gradients packed like the statistics.
 
 Both dispatch to ``backends.implementation(backend, op)``. The backward is an op of its own so that
 ``torch.compile`` traces it as one opaque node too. Both validate their arguments (SPEC section 5) before a kernel
@@ -51,9 +53,10 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
     """Register ``ghostfused::<name>`` and ``ghostfused::<name>_backward`` with fake kernels and autograd.
 
     arguments: the schema's arguments without ``backend``; num_tensors: how many leading tensors are
-    differentiable; fake_output(*args without backend) -> (out, stats_channels) gives the output's fake tensor and
-    the length of the packed statistics; check_arguments(*args without backend) validates them (ValueError /
-    TypeError naming the argument) and returns the output's channel count. Returns the forward op.
+    differentiable; fake_output(*args without backend) -> (out, stats_channels, primary_numel) gives the output's
+    fake tensor, the length of the packed statistics and the size of the primary convolution's output (0 without
+    one); check_arguments(*args without backend) validates them (ValueError / TypeError naming the argument) and
+    returns the output's channel count. Returns the forward op.
     """
     names = [argument.split()[-1] for argument in arguments.split(",")]
 
@@ -61,34 +64,37 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
         *args, backend = args
         if backend not in _KERNELS_CHECK_ARGUMENTS:
             check_arguments(*args)
-        out, stats_mean, stats_var = backends.implementation(backend, name).forward(*args)
+        out, stats_mean, stats_var, saved = backends.implementation(backend, name).forward(*args)
         # A view output (the eager reference's channel slice when oup == init + new) would forbid in-place updates
         # of the result, such as timm's `x += shortcut`: autograd protects a custom op's views.
-        return (out.clone() if out._base is not None else out), stats_mean, stats_var
+        return (out.clone() if out._base is not None else out), stats_mean, stats_var, saved
 
-    def backward(grad_out, *args):
+    def backward(grad_out, saved, *args):
         *args, backend = args
         if backend not in _KERNELS_CHECK_ARGUMENTS:
             checks.check_grad_out(grad_out, args[0], check_arguments(*args))
         grad_out = grad_out.contiguous(memory_format=memory_format_of(args[0]))
-        return backends.implementation(backend, name).backward(grad_out, *args)
+        return backends.implementation(backend, name).backward(grad_out, saved, *args)
 
     forward_op = torch.library.custom_op(
         f"ghostfused::{name}", forward, mutates_args=(),
-        schema=f"({arguments}, str backend) -> (Tensor, Tensor, Tensor)")
+        schema=f"({arguments}, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
     backward_op = torch.library.custom_op(
         f"ghostfused::{name}_backward", backward, mutates_args=(),
-        schema=f"(Tensor grad_out, {arguments}, str backend) -> ({', '.join(['Tensor'] * (num_tensors + 2))})")
+        schema=f"(Tensor grad_out, Tensor saved, {arguments}, str backend) -> "
+               f"({', '.join(['Tensor'] * (num_tensors + 2))})")
 
     @forward_op.register_fake
     def _(*args):
         _check_devices(names, args)
-        out, channels = fake_output(*args[:-1])
+        out, channels, primary_numel = fake_output(*args[:-1])
         stats = args[0].new_empty((channels,), dtype=stats_dtype(args[0]))
-        return out, stats, torch.empty_like(stats)
+        training = args[names.index("training")]
+        saved = primary_numel if training and args[-1] in backends.SAVES_PRIMARY else 0
+        return out, stats, torch.empty_like(stats), args[0].new_empty((saved,), dtype=stats_dtype(args[0]))
 
     @backward_op.register_fake
-    def _(grad_out, *args):
+    def _(grad_out, saved, *args):
         _check_devices(["grad_out"] + names, (grad_out, *args))
         tensors = [torch.empty_like(t) for t in args[:num_tensors]]
         channels = sum(w.shape[0] for w in args[num_tensors])
@@ -96,21 +102,20 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
         return (*tensors, grad_bn, torch.empty_like(grad_bn))
 
     def setup_context(ctx, inputs, output):
-        _, stats_mean, stats_var = output
-        ctx.mark_non_differentiable(stats_mean, stats_var)
+        _, stats_mean, stats_var, saved = output
+        ctx.mark_non_differentiable(stats_mean, stats_var, saved)
         bn_weight, bn_bias = inputs[num_tensors], inputs[num_tensors + 1]
         ctx.num_bn = len(bn_weight)
         ctx.flags = inputs[num_tensors + 4:]  # bn_eps, the op's flags, backend
-        ctx.save_for_backward(*inputs[:num_tensors], *bn_weight, *bn_bias, stats_mean, stats_var)
+        ctx.save_for_backward(*inputs[:num_tensors], *bn_weight, *bn_bias, stats_mean, stats_var, saved)
 
-    def autograd_backward(ctx, grad_out, _grad_mean, _grad_var):
-        saved = ctx.saved_tensors
-        tensors = saved[:num_tensors]
-        bn_weight = list(saved[num_tensors:num_tensors + ctx.num_bn])
-        bn_bias = list(saved[num_tensors + ctx.num_bn:num_tensors + 2 * ctx.num_bn])
-        stats_mean, stats_var = saved[-2:]
+    def autograd_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_saved):
+        tensors = ctx.saved_tensors[:num_tensors]
+        bn_weight = list(ctx.saved_tensors[num_tensors:num_tensors + ctx.num_bn])
+        bn_bias = list(ctx.saved_tensors[num_tensors + ctx.num_bn:num_tensors + 2 * ctx.num_bn])
+        stats_mean, stats_var, saved = ctx.saved_tensors[-3:]
         sizes = [w.shape[0] for w in bn_weight]
-        grads = backward_op(grad_out, *tensors, bn_weight, bn_bias, list(stats_mean.split(sizes)),
+        grads = backward_op(grad_out, saved, *tensors, bn_weight, bn_bias, list(stats_mean.split(sizes)),
                             list(stats_var.split(sizes)), *ctx.flags)
         grad_bn_weight = [g.to(w.dtype) for g, w in zip(grads[-2].split(sizes), bn_weight)]
         grad_bn_bias = [g.to(b.dtype) for g, b in zip(grads[-1].split(sizes), bn_bias)]
@@ -128,7 +133,8 @@ def run_fused_op(op, *args):
 
     While a model is exported to ONNX (either exporter), the op's eager reference runs instead, without the custom
     op, so that the exported graph holds standard ONNX operators (Conv, BatchNormalization, Relu, Concat, Slice,
-    AveragePool, Sigmoid, Resize, Mul) that any ONNX runtime executes. Returns ``(out, stats_mean, stats_var)``.
+    AveragePool, Sigmoid, Resize, Mul) that any ONNX runtime executes. Returns ``(out, stats_mean, stats_var,
+    saved)``.
     """
     if torch.onnx.is_in_onnx_export():
         return backends.implementation("eager", _OP_NAMES[op]).forward(*args[:-1])

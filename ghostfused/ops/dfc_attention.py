@@ -23,7 +23,7 @@ ARGUMENTS = ("Tensor x, Tensor features, Tensor conv_weight, Tensor horizontal_w
 def _fake_output(x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var,
                  bn_eps, upsample, training, sync_group):
     out = torch.empty_like(features, memory_format=memory_format_of(x))
-    return out, 3 * conv_weight.shape[0]
+    return out, 3 * conv_weight.shape[0], 0
 
 
 def check_features(features, x: Tensor, channels: int) -> None:
@@ -100,7 +100,7 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
         checks.check_momentum(bn, name)
     pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     counts = training_counts([pooled_count] * 3, group, x.device) if training else None
-    out, stats_mean, stats_var = run_fused_op(
+    out, stats_mean, stats_var, _ = run_fused_op(
         dfc_attention_op, x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample,
         bool(training), group, backends.resolve(backend, x.device))
     if training:

@@ -24,7 +24,7 @@ def _fake_output(x, primary_weight, cheap_weight, conv_weight, horizontal_weight
                  bn_mean, bn_var, bn_eps, oup, relu, upsample, training, sync_group):
     n, _, h, w = x.shape
     out = x.new_empty((n, oup, h, w)).contiguous(memory_format=memory_format_of(x))
-    return out, primary_weight.shape[0] + cheap_weight.shape[0] + 3 * oup
+    return out, primary_weight.shape[0] + cheap_weight.shape[0] + 3 * oup, n * primary_weight.shape[0] * h * w
 
 
 def check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight,
@@ -83,7 +83,7 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
     count = x.shape[0] * x.shape[2] * x.shape[3]
     pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     counts = training_counts([count, count] + [pooled_count] * 3, group, x.device) if training else None
-    out, stats_mean, stats_var = run_fused_op(
+    out, stats_mean, stats_var, _ = run_fused_op(
         ghost_attn_op, x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
         *schema_lists(bns), oup, bool(relu), upsample, bool(training), group, backends.resolve(backend, x.device))
     if training:

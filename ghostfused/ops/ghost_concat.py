@@ -21,7 +21,7 @@ def _fake_output(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, b
                  sync_group):
     n, _, h, w = x.shape
     out = x.new_empty((n, oup, h, w)).contiguous(memory_format=memory_format_of(x))
-    return out, primary_weight.shape[0] + cheap_weight.shape[0]
+    return out, primary_weight.shape[0] + cheap_weight.shape[0], n * primary_weight.shape[0] * h * w
 
 
 BN_NAMES = ("primary_bn", "cheap_bn")
@@ -75,7 +75,7 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
     for bn, name in zip(bns, BN_NAMES):
         checks.check_momentum(bn, name)
     counts = training_counts([x.shape[0] * x.shape[2] * x.shape[3]] * 2, group, x.device) if training else None
-    out, stats_mean, stats_var = run_fused_op(
+    out, stats_mean, stats_var, _ = run_fused_op(
         ghost_concat_op, x, primary_weight, cheap_weight, *schema_lists(bns), oup, bool(relu), bool(training), group,
         backends.resolve(backend, x.device))
     if training:

@@ -25,6 +25,7 @@ The machine may be shared: figures are medians of interleaved runs, and ratios a
 
 import argparse
 import copy
+import datetime
 import io
 import statistics
 import time
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 import ghostfused
 from ghostfused import ops, reference
+from ghostfused.benchmark import environment
 from ghostfused.models import ghostnetv2
 from ghostfused.testing import randomize_batch_norms
 
@@ -335,6 +337,10 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     clock = "process CPU time" if args.cpu_time else "wall time"
+    env = environment(torch.device("cpu"))
+    print(f"# {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, ghostfused "
+          f"{env['ghostfused']} (commit {(env['git_commit'] or 'unknown')[:7]}), {env['cpu']} ({env['cpu_count']} "
+          f"vCPUs), load {env['load_average']}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, medians of {args.repeats} "
           f"interleaved runs ({clock})")
     if not args.no_ops:

@@ -286,10 +286,13 @@ GEMM_SHAPES = sorted({(16, 8, 112), (16, 24, 112)} | {shape for cin, oup, size, 
 def gemm_table(repeats) -> list[str]:
     """The 1x1 convolution choices, one call each, medians: bmm over the batch (csrc/cpu/common.cpp conv1x1) against
     oneDNN's NCHW convolution at the current thread count, whether oneDNN's result is bitwise the same at 1 and 2
-    threads; and, single-threaded as pixels_gemm runs them, the two orientations of one GEMM over NHWC pixels."""
+    threads, and oneDNN single-threaded (what a fixed split of the batch between threads, each running oneDNN on
+    its share alone, would cost per share of the work); and, single-threaded as pixels_gemm runs them, the two
+    orientations of one GEMM over NHWC pixels."""
     threads = torch.get_num_threads()
     lines = [f"{'N':>2} {'Cin':>4} {'Cout':>5} {'HxW':>7} {'bmm us':>8} {'oneDNN us':>10} {'oneDNN/bmm':>11} "
-             f"{'oneDNN same 1|2 thr':>20} {'W@P^T us (1 thr)':>17} {'P@W^T us (1 thr)':>17}"]
+             f"{'oneDNN same 1|2 thr':>20} {'oneDNN us (1 thr)':>18} {'W@P^T us (1 thr)':>17} "
+             f"{'P@W^T us (1 thr)':>17}"]
     for batch in (1, 8):
         for forward in (True, False):
             for cin, cout, size in GEMM_SHAPES:
@@ -305,13 +308,15 @@ def gemm_table(repeats) -> list[str]:
                 one = F.conv2d(x, weight)
                 pixels = x.permute(0, 2, 3, 1).reshape(-1, cin).contiguous()
                 single = side_by_side({"w_pt": lambda: torch.mm(w2, pixels.t()),
-                                       "p_wt": lambda: torch.mm(pixels, w2.t())}, repeats)
+                                       "p_wt": lambda: torch.mm(pixels, w2.t()),
+                                       "onednn": lambda: F.conv2d(x, weight)}, repeats)
                 torch.set_num_threads(2)
                 same = torch.equal(one, F.conv2d(x, weight))
                 torch.set_num_threads(threads)
                 lines.append(f"{batch:>2} {cin:>4} {cout:>5} {size:>3}x{size:<3} {t['bmm'] * 1e6:>8.0f} "
                              f"{t['onednn'] * 1e6:>10.0f} {t['onednn'] / t['bmm']:>10.2f}x {str(same):>20} "
-                             f"{single['w_pt'] * 1e6:>17.0f} {single['p_wt'] * 1e6:>17.0f}")
+                             f"{single['onednn'] * 1e6:>18.0f} {single['w_pt'] * 1e6:>17.0f} "
+                             f"{single['p_wt'] * 1e6:>17.0f}")
     return lines
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ghostfused import ops
-from ghostfused.ops import define
+from ghostfused.ops import direct
 
 from helpers import assert_close, assert_modules_match, cpu_backends, fused_copy, ghost_module, run_step
 
@@ -181,22 +181,27 @@ class _RecordOps(TorchDispatchMode):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_inference_skips_the_dispatcher_only_when_nothing_observes_the_op(backend, training):
     """Without autograd (no_grad), compiler, tracer, dispatch mode or subclass, ``run_fused_op`` calls the op's
-    implementation directly (no dispatcher round trip); the result is that of the dispatched op."""
+    implementation directly (no dispatcher round trip), as the running-statistics update does; the results (output
+    and running statistics) are those of the dispatched ops."""
     module = fused_copy(ghost_module(3, 5, mode="attn", dtype=torch.float64), backend).train(training)
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
     state = {k: v.clone() for k, v in module.state_dict().items()}
     with torch.no_grad():
         with _RecordOps() as recorded:
             observed = module(x)
+        observed_state = {k: v.clone() for k, v in module.state_dict().items()}
         module.load_state_dict(state)
-        direct = module(x)
-    assert "ghostfused.ghost_attn" in recorded.names  # a dispatch mode sees the custom op
-    torch.testing.assert_close(direct, observed, rtol=0, atol=0)
+        direct_out = module(x)
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, observed_state[name], rtol=0, atol=0, msg=name)
+    assert "ghostfused.ghost_attn" in recorded.names  # a dispatch mode sees the custom ops
+    assert ("ghostfused.batch_norm_update_stats" in recorded.names) == training
+    torch.testing.assert_close(direct_out, observed, rtol=0, atol=0)
     args = (x, torch.randn(2, requires_grad=True), "cpu")
-    assert define._unobserved(args[:1] + args[2:]) and not define._unobserved(args)
+    assert direct.unobserved(args[:1] + args[2:]) and not direct.unobserved(args)
     with torch.no_grad():
-        assert define._unobserved(args)
-        assert not define._unobserved((torch.nn.Parameter(x).as_subclass(_Subclass), "cpu"))
+        assert direct.unobserved(args)
+        assert not direct.unobserved((torch.nn.Parameter(x).as_subclass(_Subclass), "cpu"))
 
 
 class _Subclass(torch.Tensor):

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import distributed
+from .direct import unobserved
 
 
 class BatchNorm(NamedTuple):
@@ -94,10 +95,8 @@ def training_counts(counts: Sequence[int], sync_group: Optional[str], device: to
     return totals
 
 
-@torch.library.custom_op("ghostfused::batch_norm_update_stats",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def batch_norm_update_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
-                            batch_mean: Tensor, batch_var: Tensor, count: int, momentum: Optional[float]) -> None:
+def _update_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor, batch_mean: Tensor,
+                  batch_var: Tensor, count: int, momentum: Optional[float]) -> None:
     """The running-statistics update of ``nn.BatchNorm2d`` in training mode, in place.
 
     running_mean, running_var: [C] buffers (any float dtype); num_batches_tracked: [] int64, incremented;
@@ -112,6 +111,11 @@ def batch_norm_update_stats(running_mean: Tensor, running_var: Tensor, num_batch
     unbiased_var = batch_var * (count / (count - 1))
     running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)
     running_var.copy_(running_var * (1 - factor) + unbiased_var * factor)
+
+
+batch_norm_update_stats = torch.library.custom_op(
+    "ghostfused::batch_norm_update_stats", _update_stats,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 
 
 @batch_norm_update_stats.register_fake
@@ -132,6 +136,8 @@ def update_running_stats(bns: Sequence[BatchNorm], stats_mean: Tensor, stats_var
     stats_mean, stats_var: [sum of the BatchNorms' channels], in the order of ``bns``; counts: values per channel.
     """
     sizes = [bn.running_mean.shape[0] for bn in bns]
+    buffers = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    # When nothing observes the op, its implementation runs directly (no dispatcher round trip per BatchNorm).
+    update = _update_stats if unobserved(buffers + [stats_mean]) else batch_norm_update_stats
     for bn, mean, var, count in zip(bns, stats_mean.detach().split(sizes), stats_var.detach().split(sizes), counts):
-        batch_norm_update_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var, count,
-                                bn.momentum)
+        update(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var, count, bn.momentum)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .. import backends
 from . import checks
+from .direct import unobserved
 from ..reference import memory_format_of, stats_dtype
 
 _OP_NAMES = {}  # forward op -> op name, for run_fused_op
@@ -138,20 +139,6 @@ def run_fused_op(op, *args):
     """
     if torch.onnx.is_in_onnx_export():
         return backends.implementation("eager", _OP_NAMES[op]).forward(*args[:-1])
-    if _unobserved(args):
+    if unobserved(args):  # inference: no dispatcher round trip
         return _FORWARDS[op](*args)
     return op(*args)
-
-
-def _unobserved(args) -> bool:
-    """Whether nothing would see the custom op of a call with ``args``: no autograd graph to record (no tensor needs
-    a gradient, or grad mode is off), no compiler or tracer, no dispatch mode, functorch transform or tensor
-    subclass. Such a call (inference) runs the op's implementation directly: the dispatcher's round trip into Python
-    costs about 20 us a call, a sixth of a small module's time at batch 1."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0 \
-            or torch._C._are_functorch_transforms_active():
-        return False
-    tensors = [t for a in args for t in (a if isinstance(a, list) else (a,)) if isinstance(t, Tensor)]
-    if any(type(t) is not Tensor and type(t) is not torch.nn.Parameter for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -50,21 +50,20 @@ at::Tensor all_reduce_sum(const at::Tensor& t, const std::string& group) {
 SyncGroup::SyncGroup(const std::optional<c10::string_view>& name)
     : name_(name.has_value() ? std::string(*name) : std::string()) {}
 
-double SyncGroup::moments(at::Tensor& mean, at::Tensor& var, double count) const {
-  if (!active()) return count;
+void SyncGroup::moments(at::Tensor& mean, at::Tensor& var, double count) const {
+  if (!active()) return;
   const int64_t channels = mean.size(0);
   const at::Tensor sums = all_reduce_sum(at::cat({mean * count, at::full({1}, count, mean.options())}), name_);
   const double total = sums[channels].item<double>();
   if (total == 0) {  // no process has values: the statistics of an empty batch (never used)
     mean.zero_();
     var.fill_(1);
-    return 0;
+    return;
   }
   const at::Tensor group_mean = sums.narrow(0, 0, channels) / total;
   const at::Tensor m2 = all_reduce_sum((var + (mean - group_mean).square()) * count, name_);
   mean.copy_(group_mean);
   var.copy_(m2 / total);
-  return total;
 }
 
 double SyncGroup::grad_sums(at::Tensor& sums, double count) const {

@@ -36,9 +36,8 @@ class SyncGroup {
   explicit SyncGroup(const std::optional<c10::string_view>& name);
   bool active() const { return !name_.empty(); }
   // mean, var [C] (float64; biased variance) of count values per channel on this process become the group's, in
-  // place (the mean first, then the squared deviations about it: no cancellation); returns the group's count.
-  // Without a group, nothing changes and count is returned.
-  double moments(at::Tensor& mean, at::Tensor& var, double count) const;
+  // place (the mean first, then the squared deviations about it: no cancellation). Without a group, nothing changes.
+  void moments(at::Tensor& mean, at::Tensor& var, double count) const;
   // sums [C, 2] (float64: sum dy, sum dy (x - mean) per channel) become the group's, in place; returns the group's
   // count (count without a group).
   double grad_sums(at::Tensor& sums, double count) const;

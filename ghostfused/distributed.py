@@ -48,17 +48,17 @@ def all_reduce_sum(t: Tensor, group: str) -> Tensor:
     return _AllReduceSum.apply(t, group)
 
 
-def group_moments(mean: Tensor, var: Tensor, count: int, group: str) -> tuple[Tensor, Tensor, int]:
+def group_moments(mean: Tensor, var: Tensor, count: int, group: str) -> tuple[Tensor, Tensor]:
     """The group's per-channel mean and biased variance from this process's ``mean``, ``var`` [C] over ``count``
-    values per channel, in float64, and the group's count. Differentiable. An empty group batch has mean 0, var 1."""
+    values per channel, in float64. Differentiable. An empty group batch has mean 0, var 1."""
     mean, var = mean.to(torch.float64), var.to(torch.float64)
     sums = all_reduce_sum(torch.cat([mean * count, mean.new_full((1,), count)]), group)
     total = int(sums[-1].item())
     if total == 0:
-        return torch.zeros_like(mean), torch.ones_like(var), 0
+        return torch.zeros_like(mean), torch.ones_like(var)
     group_mean = sums[:-1] / total
     m2 = all_reduce_sum((var + (mean - group_mean).square()) * count, group)
-    return group_mean, m2 / total, total
+    return group_mean, m2 / total
 
 
 def group_grad_sums(sums: Tensor, count: int, group: str) -> tuple[Tensor, int]:

@@ -263,8 +263,8 @@ def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tens
             local_var = local_mean + 1
         else:
             local_var, local_mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
-        group_mean, group_var, _ = distributed.group_moments(local_mean, local_var, x.numel() // x.shape[1],
-                                                             sync_group)
+        group_mean, group_var = distributed.group_moments(local_mean, local_var, x.numel() // x.shape[1],
+                                                          sync_group)
         scale = weight.to(acc) * torch.rsqrt(group_var.to(acc) + eps)
         shift = bias.to(acc) - group_mean.to(acc) * scale
         y = (x.to(acc) * scale[:, None, None] + shift[:, None, None]).to(x.dtype)

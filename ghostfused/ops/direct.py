@@ -7,8 +7,8 @@ from torch import Tensor
 def unobserved(args) -> bool:
     """Whether nothing would see a custom op called with ``args`` (tensors, tensor lists and other values): no
     autograd graph to record (no tensor needs a gradient, or grad mode is off), no compiler or tracer, no dispatch
-    mode, functorch transform or tensor subclass. Such a call can run the op's implementation directly: the
-    dispatcher's round trip into Python costs about 20 us a call."""
+    mode, functorch transform or tensor subclass. Such a call can run the op's implementation directly, without the
+    dispatcher's round trip into Python."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0 \
             or torch._C._are_functorch_transforms_active():
         return False

@@ -769,8 +769,8 @@ def _sync_statistics(stats_mean, stats_var, bns, sync_group: str | None) -> None
     if sync_group is None:
         return
     for start, size, count in bns:
-        mean, var, _ = distributed.group_moments(stats_mean[start:start + size], stats_var[start:start + size],
-                                                 count, sync_group)
+        mean, var = distributed.group_moments(stats_mean[start:start + size], stats_var[start:start + size],
+                                              count, sync_group)
         stats_mean[start:start + size] = mean
         stats_var[start:start + size] = var
 

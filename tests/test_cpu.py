@@ -4,6 +4,7 @@ counts, options (K, dw, ratio, odd oup, bilinear), reduced precision, the shared
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,19 +125,24 @@ def test_ghost_options(op, options, oup):
 @pytest.mark.parametrize("oup", [7, 8])
 @pytest.mark.parametrize("shape", [(1, 9, 13), (3, 6, 5), (2, 2, 3)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_channels_last_eval_forward(op, options, oup, shape, dtype):
-    """Eval mode with a channels_last x runs NHWC end to end (ghost_forward_nhwc, the DFC pool read NHWC): the
-    output, written once into a NaN-poisoned channels_last tensor, against the reference in both layouts."""
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_forward_and_backward(op, options, oup, shape, dtype, training):
+    """A channels_last x runs NHWC end to end in both modes (the GEMMs over all pixels, the DFC pool read NHWC,
+    grad_out read NHWC): the output (NaN-poisoned channels_last), all gradients and the running statistics against
+    the reference run in NCHW."""
     n, h, w = shape
-    module = _module(op, 5, oup, dtype, **options).eval()
+    module = _module(op, 5, oup, dtype, **options).train(training)
     fused = fused_copy(module, "eager")
     x = torch.randn(n, 5, h, w, dtype=dtype)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        expected = module(x)
-        actual = _call(op, fused, x_cl, None, training=False)
+    grad = torch.randn(n, oup, h, w, dtype=dtype)
+    expected, expected_grads = _step(op, module, x, x, grad, training, fused=False)
+    x_cl, grad_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    actual, actual_grads = _step(op, fused, x_cl, x_cl, grad_cl, training, fused=True)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     assert_close(actual, expected, dtype, "output")
+    for a, e in zip(actual_grads, expected_grads):
+        assert_close(a, e, dtype, "gradient")
+    assert_modules_match(module, fused, dtype)
 
 
 @pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
@@ -144,20 +150,62 @@ def test_channels_last_eval_forward(op, options, oup, shape, dtype):
 @pytest.mark.parametrize("shape", [(1, 9, 13), (3, 6, 5), (2, 2, 3)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("features_layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_dfc_attention_channels_last_eval(upsample, kernel, shape, features_layout, dtype):
-    """Eval-mode dfc_attention with a channels_last x runs NHWC (features converted if they are not): against the
-    reference, into a NaN-poisoned channels_last output."""
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dfc_attention_channels_last(upsample, kernel, shape, features_layout, dtype, training):
+    """dfc_attention with a channels_last x runs NHWC in both modes (features converted if they are not): output,
+    all gradients and running statistics against the reference, into NaN-poisoned outputs."""
     n, h, w = shape
-    module = _module("dfc_attention", 5, 7, dtype, dfc_kernel_size=kernel, upsample=upsample).eval()
+    module = _module("dfc_attention", 5, 7, dtype, dfc_kernel_size=kernel, upsample=upsample).train(training)
+    fused = fused_copy(module, "eager")
     x = torch.randn(n, 5, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
     features = torch.randn(n, 7, h, w, dtype=dtype)
     if features_layout == "channels_last":
         features = features.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        expected = _reference("dfc_attention", module, x, features)
-        actual = _call("dfc_attention", module, x, features, training=False)
+    grad = torch.randn(n, 7, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    expected, expected_grads = _step("dfc_attention", module, x, features, grad, training, fused=False)
+    actual, actual_grads = _step("dfc_attention", fused, x, features, grad, training, fused=True)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     assert_close(actual, expected, dtype, "output")
+    for a, e in zip(actual_grads, expected_grads):
+        assert_close(a, e, dtype, "gradient")
+    assert_modules_match(module, fused, dtype)
+
+
+def _full_size_copies(op, args, grad_layout):
+    """The copies of tensors with at least N * H * W elements that the raw cpu kernels make in one forward and one
+    backward (grad_out in ``grad_layout``), as the profiler records the ATen calls inside them; and the output and
+    the gradients of the full-resolution inputs."""
+    forward, backward = (getattr(torch.ops.ghostfused_C, f"{op}_{p}") for p in ("forward", "backward"))
+    b = {"ghost_concat": 3, "dfc_attention": 5, "ghost_attn": 6}[op]
+    n, _, h, w = args[0].shape
+    with torch.profiler.profile(record_shapes=True) as forward_profile:
+        out, mean, var, saved = forward(*args)
+    sizes = [t.shape[0] for t in args[b]]
+    args = args[:b + 2] + [list(mean.split(sizes)), list(var.split(sizes))] + args[b + 4:]
+    grad = torch.randn(out.shape, dtype=out.dtype).contiguous(memory_format=grad_layout)
+    with torch.profiler.profile(record_shapes=True) as backward_profile:
+        grads = backward(grad, saved, *args)
+    copies = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::contiguous")
+    found = [(e.name, e.input_shapes) for p in (forward_profile, backward_profile) for e in p.events()
+             if e.name in copies and any(isinstance(s, list) and s and math.prod(s) >= n * h * w
+                                         for s in e.input_shapes)]
+    return found, [out, *grads[:2 if op == "dfc_attention" else 1]]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_kernels_make_no_layout_copy(op, training, channels_last):
+    """Inside the raw kernels, no tensor of full resolution is copied, in either layout: x, features and grad_out are
+    read where they are, the output and the input gradients written in x's layout. (The check sees copies: a
+    grad_out in the other layout is converted, and that copy is found.)"""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    args = op_arguments(op, 2, 5, 7, 9, 6, training, dtype=torch.float32, channels_last=channels_last, device="cpu")
+    copies, results = _full_size_copies(op, args, layout)
+    assert copies == []
+    assert all(t.is_contiguous(memory_format=layout) for t in results), "a result is not in x's layout"
+    other = torch.contiguous_format if channels_last else torch.channels_last
+    assert _full_size_copies(op, args, other)[0] != []
 
 
 @pytest.mark.parametrize("op", ["dfc_attention", "ghost_attn"])
@@ -198,17 +246,16 @@ def test_float32_and_reduced_precision(op, dtype):
 DETERMINISM_SHAPES = {"large-planes": (8, 71, 70, 66), "small-planes-many-channels": (128, 256, 9, 13)}
 
 
-def _run_all(op, threads, shape, seed=0):
-    """Outputs, gradients and running statistics of two training steps and one eval step, at ``threads``."""
+def _run_all(op, threads, shape, layout, seed=0):
+    """Outputs, gradients and running statistics of two training steps and one eval step, at ``threads``, with x,
+    features and grad_out in ``layout``."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
         cin, oup, h, w = DETERMINISM_SHAPES[shape]
         module = _module(op, cin, oup, torch.float32, dfc_kernel_size=5).train()
-        x = torch.randn(3, cin, h, w)
-        features = torch.randn(3, oup, h, w)
-        grad = torch.randn(3, oup, h, w)
+        x, features, grad = (torch.randn(3, c, h, w).contiguous(memory_format=layout) for c in (cin, oup, oup))
         results = []
         for training in (True, True, False):
             module.train(training)
@@ -262,10 +309,11 @@ def test_many_channels_on_small_planes_in_float32(op, training):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", DETERMINISM_SHAPES)
-def test_bitwise_deterministic_across_runs_and_thread_counts(op, shape):
-    one = _run_all(op, threads=1, shape=shape)
-    two = _run_all(op, threads=2, shape=shape)
-    again = _run_all(op, threads=2, shape=shape)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_bitwise_deterministic_across_runs_and_thread_counts(op, shape, layout):
+    one = _run_all(op, threads=1, shape=shape, layout=layout)
+    two = _run_all(op, threads=2, shape=shape, layout=layout)
+    again = _run_all(op, threads=2, shape=shape, layout=layout)
     assert len(one) == len(two) == len(again)
     for i, (a, b, c) in enumerate(zip(one, two, again)):
         assert torch.equal(b, c), f"result {i} differs between two runs"
@@ -274,10 +322,11 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(op, shape):
 
 @pytest.mark.parametrize("op", ["ghost_concat", "ghost_attn"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_saved_primary_output_gives_the_recomputed_gradients(op, dtype):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_saved_primary_output_gives_the_recomputed_gradients(op, dtype, channels_last):
     """A training forward returns y1 (flat, in the compute dtype) as ``saved``; the backward reading it gives bitwise
     the gradients of a backward that recomputes it, and refuses a ``saved`` of the wrong size."""
-    args = op_arguments(op, 3, 5, 7, 6, 9, True, dtype=dtype, device="cpu")
+    args = op_arguments(op, 3, 5, 7, 6, 9, True, dtype=dtype, channels_last=channels_last, device="cpu")
     forward, backward = getattr(torch.ops.ghostfused_C, f"{op}_forward"), getattr(torch.ops.ghostfused_C,
                                                                                  f"{op}_backward")
     out, mean, var, saved = forward(*args)
@@ -287,7 +336,7 @@ def test_saved_primary_output_gives_the_recomputed_gradients(op, dtype):
     b = 3 if op == "ghost_concat" else 6
     sizes = [w.shape[0] for w in args[b]]
     args[b + 2], args[b + 3] = list(mean.split(sizes)), list(var.split(sizes))
-    grad = torch.randn_like(out)
+    grad = torch.randn_like(out)  # in out's layout
     with_saved = backward(grad, saved, *args)
     recomputed = backward(grad, torch.empty(0), *args)
     for i, (a, r) in enumerate(zip(with_saved, recomputed)):

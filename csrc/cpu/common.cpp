@@ -18,8 +18,8 @@ at::Tensor dense_channels_last(const at::Tensor& t, at::ScalarType dtype) {
   return t.detach().to(dtype).contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-bool takes_nhwc_path(const at::Tensor& x, bool training) {
-  return !training && memory_format_of(x) == at::MemoryFormat::ChannelsLast;
+bool takes_nhwc_path(const at::Tensor& x) {
+  return memory_format_of(x) == at::MemoryFormat::ChannelsLast;
 }
 
 at::Tensor as_output(const at::Tensor& out, const at::Tensor& x) {
@@ -208,8 +208,9 @@ at::Tensor Gate<T>::nhwc(int64_t batch) const {
 }
 
 template <typename T>
-const T* Gate<T>::pixel(const T* nhwc_data, int64_t n, int64_t i, int64_t j, T* values) const {
-  const T* base = nhwc_data + n * h * w * channels;
+const T* Gate<T>::pixel(const T* nhwc_data, int64_t n, int64_t i, int64_t j, int64_t c0, int64_t count,
+                        T* values) const {
+  const T* base = nhwc_data + n * h * w * channels + c0;
   if (nearest) return base + (row_source[i] * w + col_source[j]) * channels;
   const BilinearTap<T> r = row_taps[i], t = col_taps[j];
   const T* a = base + (r.i0 * w + t.i0) * channels;
@@ -217,9 +218,31 @@ const T* Gate<T>::pixel(const T* nhwc_data, int64_t n, int64_t i, int64_t j, T* 
   const T* c = base + (r.i1 * w + t.i0) * channels;
   const T* d = base + (r.i1 * w + t.i1) * channels;
 #pragma omp simd
-  for (int64_t ch = 0; ch < channels; ++ch)
+  for (int64_t ch = 0; ch < count; ++ch)
     values[ch] = r.w0 * (t.w0 * a[ch] + t.w1 * b[ch]) + r.w1 * (t.w0 * c[ch] + t.w1 * d[ch]);
   return values;
+}
+
+template <typename T>
+void Gate<T>::reduce_pixel(const T* grad, int64_t n, int64_t i, int64_t j, int64_t c0, int64_t count,
+                           T* nhwc_grad) const {
+  T* base = nhwc_grad + n * h * w * channels + c0;
+  if (nearest) {
+    T* dst = base + (row_source[i] * w + col_source[j]) * channels;
+#pragma omp simd
+    for (int64_t ch = 0; ch < count; ++ch) dst[ch] += grad[ch];
+    return;
+  }
+  const BilinearTap<T> r = row_taps[i], t = col_taps[j];
+  const T weights[4] = {r.w0 * t.w0, r.w0 * t.w1, r.w1 * t.w0, r.w1 * t.w1};
+  T* corners[4] = {base + (r.i0 * w + t.i0) * channels, base + (r.i0 * w + t.i1) * channels,
+                   base + (r.i1 * w + t.i0) * channels, base + (r.i1 * w + t.i1) * channels};
+  for (int corner = 0; corner < 4; ++corner) {
+    T* dst = corners[corner];
+    const T weight = weights[corner];
+#pragma omp simd
+    for (int64_t ch = 0; ch < count; ++ch) dst[ch] += weight * grad[ch];
+  }
 }
 
 template struct Gate<float>;
@@ -241,23 +264,43 @@ at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight) {
   return out;
 }
 
-at::Tensor pixels_gemm(const at::Tensor& pixels, const at::Tensor& weight) {
-  // At most 16 chunks of at least 64 pixels (a multiple of 16), whatever the thread count: enough to share between
-  // threads, few enough that the cost per GEMM call (tens of microseconds) stays small next to the work.
-  const int64_t count = pixels.size(0);
+namespace {
+
+// gemm(begin, length) for fixed chunks of [0, count): at most 16 of at least 64 (a multiple of 16), whatever the
+// thread count: enough to share between threads, few enough that the cost per GEMM call (tens of microseconds)
+// stays small next to the work. As in conv1x1_weight_grad, each GEMM runs single-threaded inside the parallel
+// region, so that the result does not depend on the thread count.
+template <typename Gemm>
+void for_each_gemm_chunk(int64_t count, const Gemm& gemm) {
   const int64_t chunk = std::max<int64_t>((count + 16 * 16 - 1) / (16 * 16) * 16, 64);
   const int64_t chunks = (count + chunk - 1) / chunk;
-  at::Tensor out = at::empty({weight.size(0), count}, pixels.options());
-  // As in conv1x1_weight_grad: each GEMM runs single-threaded inside the parallel region.
   const int threads = std::max(1, at::get_num_threads());
   const at::ThreadLocalState state;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const at::ThreadLocalStateGuard guard(state);
-    const int64_t begin = c * chunk, length = std::min(chunk, count - begin);
+    const int64_t begin = c * chunk;
+    gemm(begin, std::min(chunk, count - begin));
+  }
+}
+
+}  // namespace
+
+at::Tensor pixels_gemm(const at::Tensor& pixels, const at::Tensor& weight) {
+  at::Tensor out = at::empty({weight.size(0), pixels.size(0)}, pixels.options());
+  for_each_gemm_chunk(pixels.size(0), [&](int64_t begin, int64_t length) {
     at::Tensor part = out.narrow(1, begin, length);
     at::mm_out(part, weight, pixels.narrow(0, begin, length).t());
-  }
+  });
+  return out;
+}
+
+at::Tensor rows_gemm(const at::Tensor& rows, const at::Tensor& weight) {
+  at::Tensor out = at::empty({rows.size(0), weight.size(1)}, rows.options());
+  for_each_gemm_chunk(rows.size(0), [&](int64_t begin, int64_t length) {
+    at::Tensor part = out.narrow(0, begin, length);
+    at::mm_out(part, rows.narrow(0, begin, length), weight);
+  });
   return out;
 }
 

@@ -7,8 +7,11 @@
 // output rows it reaches, reading the input shifted by (a - pad) rows and (b - pad) columns; the columns a shift
 // would wrap into the neighbouring row are read from a copy of the input with those columns zeroed
 // (ShiftedColumns). The quarter-resolution DFC gate is NHWC ([N, h * w, C]), vectorised over channels.
-// Eval-mode forwards of channels_last inputs stay NHWC at full resolution too (ghost_forward_nhwc): one GEMM over
-// all pixels, loops vectorised over channels, no layout copy of x or of the output.
+// channels_last inputs stay NHWC in every mode, without a layout copy of x, the output, grad_out or the input
+// gradient: the 1x1 convolutions are GEMMs over all N * H * W pixels, whose channel-major result
+// ([C, N * H * W], PlaneLayout::channel_major) the plane loops read as they read NCHW planes; full-resolution passes
+// over NHWC data either run per pixel, vectorised over channels, or transpose a block of channels into per-thread
+// planes as they read it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,8 +38,18 @@ at::Tensor dense(const at::Tensor& t, at::ScalarType dtype);
 // t detached, in dtype, dense channels_last (a copy only when needed).
 at::Tensor dense_channels_last(const at::Tensor& t, at::ScalarType dtype);
 
-// Whether the eval-mode forward takes the NHWC path: x is channels_last (ghostfused.reference.memory_format_of).
-bool takes_nhwc_path(const at::Tensor& x, bool training);
+// Whether an op's kernels take the NHWC path: x is channels_last (ghostfused.reference.memory_format_of).
+bool takes_nhwc_path(const at::Tensor& x);
+
+// Where the [size] plane of sample n, channel c lies in a [batch, channels, size] quantity: dense NCHW, or
+// channel-major [channels, batch * size] (a GEMM's output over all the pixels of an NHWC input).
+struct PlaneLayout {
+  int64_t sample_stride, channel_stride;
+
+  static PlaneLayout nchw(int64_t channels, int64_t size) { return {channels * size, size}; }
+  static PlaneLayout channel_major(int64_t batch, int64_t size) { return {size, batch * size}; }
+  int64_t offset(int64_t n, int64_t c) const { return n * sample_stride + c * channel_stride; }
+};
 
 // A kernel's output computed in NCHW and the compute dtype, returned in x's dtype and layout.
 at::Tensor as_output(const at::Tensor& out, const at::Tensor& x);
@@ -161,12 +174,14 @@ Moments moments_of(const T* data, int64_t count) {
   return {static_cast<double>(count), mean, m2};
 }
 
-// Per-channel moments of a dense [batch, channels, size] tensor.
+// Per-channel moments of [batch, channels, size] planes laid out as `layout` says.
 template <typename T>
-std::vector<Moments> channel_moments(const T* data, int64_t batch, int64_t channels, int64_t size) {
+std::vector<Moments> channel_moments(const T* data, int64_t batch, int64_t channels, int64_t size,
+                                     const PlaneLayout& layout) {
   std::vector<Moments> partials(batch * channels);
   at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) partials[plane] = moments_of(data + plane * size, size);
+    for (int64_t plane = begin; plane < end; ++plane)
+      partials[plane] = moments_of(data + layout.offset(plane / channels, plane % channels), size);
   });
   return combine_planes(partials, batch, channels);
 }
@@ -297,9 +312,13 @@ struct Gate {
   void reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const;
   // The gate of `batch` samples transposed to NHWC [batch, h * w, channels], for pixel().
   at::Tensor nhwc(int64_t batch) const;
-  // The upsampled gate of every channel at full-resolution pixel (i, j) of sample n, from nhwc()'s data: for
-  // 'nearest' the stored row itself, for 'bilinear' computed into values[channels] (as values() computes it).
-  const T* pixel(const T* nhwc_data, int64_t n, int64_t i, int64_t j, T* values) const;
+  // The upsampled gate of channels [c0, c0 + count) at full-resolution pixel (i, j) of sample n, from nhwc()'s
+  // data: for 'nearest' the stored values themselves, for 'bilinear' computed into values[count] (as values()
+  // computes them).
+  const T* pixel(const T* nhwc_data, int64_t n, int64_t i, int64_t j, int64_t c0, int64_t count, T* values) const;
+  // The transpose of pixel(): nhwc_grad [batch, h * w, channels] += the gradient grad[count] of channels
+  // [c0, c0 + count) of the upsampled gate at pixel (i, j) of sample n.
+  void reduce_pixel(const T* grad, int64_t n, int64_t i, int64_t j, int64_t c0, int64_t count, T* nhwc_grad) const;
 };
 
 // [out, P] = weight[out, in] @ pixels[P, in]^T: a 1x1 convolution of P NHWC pixels as one GEMM over all of them,
@@ -307,6 +326,10 @@ struct Gate {
 // 112x112) and within 1.5x of it elsewhere (benchmarks/cpu_ops.py --gemm), split into chunks of pixels that depend
 // on P only, each a single-threaded GEMM, so that the result does not depend on the thread count.
 at::Tensor pixels_gemm(const at::Tensor& pixels, const at::Tensor& weight);
+
+// [P, out] = rows[P, in] @ weight[in, out] (any strides), in chunks of rows as pixels_gemm: the input gradient of a
+// 1x1 convolution written NHWC.
+at::Tensor rows_gemm(const at::Tensor& rows, const at::Tensor& weight);
 
 // [batch, out, size] = weight[out, in] @ x[batch, in, size]: a 1x1 convolution as one (batched) GEMM.
 at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight);

@@ -262,7 +262,7 @@ void gate_product_nhwc(const Gate<T>& gate, const T* features, int64_t batch, T*
     std::vector<T> values(channels);
     for (int64_t row = begin; row < end; ++row)
       for (int64_t j = 0; j < gate.W; ++j) {
-        const T* g = gate.pixel(gq, row / gate.H, row % gate.H, j, values.data());
+        const T* g = gate.pixel(gq, row / gate.H, row % gate.H, j, 0, channels, values.data());
         const T* src = features + (row * gate.W + j) * channels;
         T* dst = out + (row * gate.W + j) * channels;
 #pragma omp simd
@@ -296,6 +296,44 @@ void gate_product_backward(const Gate<T>& gate, const T* grad_out, const T* feat
   });
 }
 
+// The same for grad_out, features and dfeatures dense NHWC: one pass over the pixels of a (sample, channel block)
+// task, vectorised over channels, the gate's gradient reduced at quarter resolution NHWC (a task owns its channels,
+// so no two tasks add to one value), then transposed into dgate.
+template <typename T>
+void gate_product_backward_nhwc(const Gate<T>& gate, const T* grad_out, const T* features, int64_t batch,
+                                T* dfeatures, T* dgate) {
+  const at::Tensor gate_nhwc = gate.nhwc(batch);
+  const T* gq = gate_nhwc.template data_ptr<T>();
+  const int64_t channels = gate.channels, gate_size = gate.h * gate.w;
+  at::Tensor dgate_nhwc = at::zeros({batch, gate_size, channels}, gate_nhwc.options());
+  T* dg = dgate_nhwc.template data_ptr<T>();
+  const int64_t size = block_size(batch, channels);
+  const int64_t tasks = batch * ((channels + size - 1) / size);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> values(size), product(size);
+    for (int64_t task = begin; task < end; ++task) {
+      const Block b = block_of(task, size, channels);
+      for (int64_t i = 0; i < gate.H; ++i)
+        for (int64_t j = 0; j < gate.W; ++j) {
+          const int64_t offset = ((b.n * gate.H + i) * gate.W + j) * channels + b.c0;
+          const T* g = gate.pixel(gq, b.n, i, j, b.c0, b.cb, values.data());
+          const T* go = grad_out + offset;
+          const T* f = features + offset;
+          T* dst = dfeatures + offset;
+#pragma omp simd
+          for (int64_t c = 0; c < b.cb; ++c) {
+            dst[c] = go[c] * g[c];
+            product[c] = go[c] * f[c];
+          }
+          gate.reduce_pixel(product.data(), b.n, i, j, b.c0, b.cb, dg);
+        }
+    }
+  });
+  for (int64_t n = 0; n < batch; ++n)
+    transpose(dg + n * gate_size * channels, gate_size, channels, channels, dgate + n * channels * gate_size,
+              gate_size);
+}
+
 }  // namespace
 
 template <typename T>
@@ -315,9 +353,9 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   g.horizontal_taps = dense(horizontal_weight, dtype).view({channels, k}).t().contiguous();
   g.vertical_taps = dense(vertical_weight, dtype).view({channels, k}).t().contiguous();
   g.bns = std::move(bns);
-  g.pooled = x.scalar_type() == dtype && memory_format_of(x) == at::MemoryFormat::ChannelsLast
-                 ? average_pool_nhwc<T>(x, g.batch, g.in_channels, g.height, g.width)
-                 : average_pool<T>(dense(x, dtype), g.batch, g.in_channels, g.height, g.width);
+  g.nhwc = x.scalar_type() == dtype && takes_nhwc_path(x);
+  g.pooled = g.nhwc ? average_pool_nhwc<T>(x, g.batch, g.in_channels, g.height, g.width)
+                    : average_pool<T>(dense(x, dtype), g.batch, g.in_channels, g.height, g.width);
   g.z0 = conv1x1_nhwc(g.pooled, g.conv_weight);
   g.gate = at::empty({g.batch, channels, q.size}, g.z0.options());
   const T* z0 = g.z0.template data_ptr<T>();
@@ -488,7 +526,7 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
 
   DfcGrads grads;
   const at::Tensor dz0 = grad_b.transpose(1, 2);  // [N, C, L]
-  grads.pooled = conv1x1(dz0, g.conv_weight.t());
+  grads.pooled = g.nhwc ? conv1x1_nhwc(dz0, g.conv_weight.t()).transpose(1, 2) : conv1x1(dz0, g.conv_weight.t());
   grads.conv_weight = conv1x1_weight_grad(dz0, g.pooled);
   grads.horizontal_weight = combine_tap_partials(tap_partials[0], g.batch, channels, k, g.z0.options());
   grads.vertical_weight = combine_tap_partials(tap_partials[1], g.batch, channels, k, g.z0.options());
@@ -499,10 +537,34 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
 }
 
 template <typename T>
-void pool_backward(const at::Tensor& pooled_grad, int64_t height, int64_t width, T* dx, bool accumulate) {
+void pool_backward(const at::Tensor& pooled_grad, int64_t height, int64_t width, T* dx, bool accumulate,
+                   bool nhwc) {
   const int64_t h = pooled_size(height), w = pooled_size(width);
-  const int64_t planes = pooled_grad.size(0) * pooled_grad.size(1);
+  const int64_t batch = pooled_grad.size(0), channels = pooled_grad.size(1);
+  const int64_t planes = batch * channels;
   const T* src = pooled_grad.template data_ptr<T>();
+  if (nhwc) {  // pooled_grad [N, h * w, Cin] and dx [N, H, W, Cin]: one pass per row, vectorised over channels
+    at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / height, i = row % height;
+        for (int64_t j = 0; j < width; ++j) {
+          T* out = dx + (row * width + j) * channels;
+          const bool pooled = i < 2 * h && j < 2 * w;  // else a row or column the pooling dropped
+          const T* grad = src + ((n * h + i / 2) * w + j / 2) * channels;
+          if (accumulate && pooled) {
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) out[c] += grad[c] * T(0.25);
+          } else if (pooled) {
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) out[c] = grad[c] * T(0.25);
+          } else if (!accumulate) {
+            std::fill(out, out + channels, T(0));
+          }
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       T* out = dx + plane * height * width;
@@ -530,7 +592,7 @@ void pool_backward(const at::Tensor& pooled_grad, int64_t height, int64_t width,
   template DfcGate<T> dfc_gate<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,   \
                                   std::vector<BatchNorm>, const DfcSizes&, bool, bool);                          \
   template DfcGrads dfc_gate_backward<T>(const DfcGate<T>&, const T*, bool);                                     \
-  template void pool_backward<T>(const at::Tensor&, int64_t, int64_t, T*, bool);
+  template void pool_backward<T>(const at::Tensor&, int64_t, int64_t, T*, bool, bool);
 GHOSTFUSED_INSTANTIATE(float)
 GHOSTFUSED_INSTANTIATE(double)
 #undef GHOSTFUSED_INSTANTIATE
@@ -549,7 +611,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward
   const DfcSizes s = check_dfc_attention_arguments(kForward, x, features, conv_weight, horizontal_weight,
     vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training && !sync.active());
   const at::ScalarType dtype = compute_dtype(x);
-  const bool nhwc = takes_nhwc_path(x, training);  // x, features and out stay NHWC
+  const bool nhwc = takes_nhwc_path(x);  // x, features and out stay NHWC
   const at::Tensor xd = nhwc ? dense_channels_last(x, dtype) : dense(x, dtype);
   const at::Tensor feats = nhwc ? dense_channels_last(features, dtype) : dense(features, dtype);
   at::Tensor out = empty_output(feats.sizes(), feats.options(),
@@ -580,19 +642,26 @@ dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& /*saved*/, 
     vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training && !sync.active());
   check_grad_out(kBackward, grad_out, x, s.channels);
   const at::ScalarType dtype = compute_dtype(x);
-  const at::Tensor xd = dense(x, dtype), feats = dense(features, dtype), grad = dense(grad_out, dtype);
-  at::Tensor dfeatures = empty_output(feats.sizes(), feats.options());
-  at::Tensor dx = empty_output(x.sizes(), feats.options());
+  const bool nhwc = takes_nhwc_path(x);  // x, features, grad_out and the gradients stay NHWC
+  const auto dense_as_x = [&](const at::Tensor& t) { return nhwc ? dense_channels_last(t, dtype) : dense(t, dtype); };
+  const at::Tensor xd = dense_as_x(x), feats = dense_as_x(features), grad = dense_as_x(grad_out);
+  at::Tensor dfeatures = empty_output(feats.sizes(), feats.options(), memory_format_of(x));
+  at::Tensor dx = empty_output(x.sizes(), feats.options(), memory_format_of(x));
   DfcGrads grads;
   AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_backward", [&] {
     const DfcGate<scalar_t> g =
         dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                            batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, false, true);
     at::Tensor dgate = at::empty_like(g.gate);
-    gate_product_backward(g.view(), grad.data_ptr<scalar_t>(), feats.data_ptr<scalar_t>(), g.batch,
-                          dfeatures.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>());
+    if (nhwc) {
+      gate_product_backward_nhwc(g.view(), grad.data_ptr<scalar_t>(), feats.data_ptr<scalar_t>(), g.batch,
+                                 dfeatures.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>());
+    } else {
+      gate_product_backward(g.view(), grad.data_ptr<scalar_t>(), feats.data_ptr<scalar_t>(), g.batch,
+                            dfeatures.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>());
+    }
     grads = dfc_gate_backward(g, dgate.data_ptr<scalar_t>(), training);
-    pool_backward<scalar_t>(grads.pooled, g.height, g.width, dx.data_ptr<scalar_t>(), false);
+    pool_backward<scalar_t>(grads.pooled, g.height, g.width, dx.data_ptr<scalar_t>(), false, g.nhwc);
   });
   const at::ScalarType out_dtype = x.scalar_type();
   return {dx.to(out_dtype),

@@ -16,7 +16,8 @@ struct DfcGate {
   at::Tensor conv_weight;        // [C, Cin]
   at::Tensor horizontal_taps;    // [K, C]: tap b of every channel contiguous
   at::Tensor vertical_taps;      // [K, C]
-  at::Tensor pooled;             // [N, Cin, h * w]: 2x2 average pool of x (NHWC strides for a channels_last x)
+  bool nhwc;                     // x dense channels_last in T: pooled and its gradient have NHWC strides
+  at::Tensor pooled;             // [N, Cin, h * w]: 2x2 average pool of x (NHWC strides when nhwc)
   at::Tensor z0, z1, z2;         // [N, h * w, C]: the three convolutions (z1, z2 kept only when asked)
   at::Tensor gate;               // [N, C, h * w]
   std::vector<BatchNorm> bns;    // conv, horizontal, vertical: with the statistics they normalise with
@@ -38,7 +39,7 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
 
 // Gradients of the DFC gate, in the compute dtype.
 struct DfcGrads {
-  at::Tensor pooled;             // [N, Cin, h * w]: gradient of the pooled input
+  at::Tensor pooled;             // [N, Cin, h * w]: gradient of the pooled input (NHWC strides when nhwc)
   at::Tensor conv_weight;        // [C, Cin]
   at::Tensor horizontal_weight;  // [C, K]
   at::Tensor vertical_weight;    // [C, K]
@@ -50,9 +51,11 @@ struct DfcGrads {
 template <typename T>
 DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training);
 
-// dx [N, Cin, H, W] (dense NCHW) = the transposed 2x2 average pooling of pooled_grad [N, Cin, h * w], added to
-// dx when accumulate (zero in the rows / columns the pooling dropped).
+// dx [N, Cin, H, W] = the transposed 2x2 average pooling of pooled_grad [N, Cin, h * w], added to dx when
+// accumulate (zero in the rows / columns the pooling dropped). Dense NCHW, or dense NHWC when nhwc (pooled_grad
+// with NHWC strides, as dfc_gate_backward returns it then).
 template <typename T>
-void pool_backward(const at::Tensor& pooled_grad, int64_t height, int64_t width, T* dx, bool accumulate);
+void pool_backward(const at::Tensor& pooled_grad, int64_t height, int64_t width, T* dx, bool accumulate,
+                   bool nhwc);
 
 }  // namespace ghostfused::cpu

@@ -29,21 +29,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
   auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync));
   const at::ScalarType dtype = compute_dtype(x);
   const GhostSizes& gs = s.ghost;
-  const bool nhwc = takes_nhwc_path(x, training);  // x and out stay NHWC
+  const bool nhwc = takes_nhwc_path(x);  // x and out stay NHWC
   const at::Tensor xd = nhwc ? dense_channels_last(x, dtype) : dense(x, dtype);
-  at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, xd.options(),
-                                nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  at::Tensor mean, var, saved = at::empty({0}, xd.options());
+  at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, xd.options(), memory_format_of(x));
+  at::Tensor mean, var, saved;
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_attn_forward", [&] {
     const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                                                    std::move(dfc_bns), s.dfc, training, false);
     const Gate<scalar_t> gate = g.view();
-    if (nhwc) {
-      ghost_forward_nhwc<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0], ghost_bns[1], gs, relu, &gate,
-                                   out.data_ptr<scalar_t>());
-      std::tie(mean, var) = packed_statistics({&ghost_bns[0], &ghost_bns[1], &g.bns[0], &g.bns[1], &g.bns[2]}, x);
-      return;
-    }
     const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
                                                            ghost_bns[1], gs, relu, training, at::Tensor());
     ghost_write(b, &gate, out.data_ptr<scalar_t>());
@@ -67,7 +60,9 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const a
   check_grad_out(kBackward, grad_out, x, oup);
   auto [ghost_bns, dfc_bns] = split_batch_norms(batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync));
   const at::ScalarType dtype = compute_dtype(x);
-  const at::Tensor xd = dense(x, dtype), grad = dense(grad_out, dtype);
+  const bool nhwc = takes_nhwc_path(x);  // x, grad_out and dx stay NHWC
+  const at::Tensor xd = nhwc ? dense_channels_last(x, dtype) : dense(x, dtype);
+  const at::Tensor grad = nhwc ? dense_channels_last(grad_out, dtype) : dense(grad_out, dtype);
   GhostGrads ghost;
   DfcGrads dfc;
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_attn_backward", [&] {
@@ -79,10 +74,10 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const a
     at::Tensor dgate = at::empty_like(g.gate);
     ghost = ghost_backward(b, grad.data_ptr<scalar_t>(), &gate, dgate.data_ptr<scalar_t>(), training);
     dfc = dfc_gate_backward(g, dgate.data_ptr<scalar_t>(), training);
-    pool_backward<scalar_t>(dfc.pooled, s.ghost.height, s.ghost.width, ghost.x.data_ptr<scalar_t>(), true);
+    pool_backward<scalar_t>(dfc.pooled, s.ghost.height, s.ghost.width, ghost.x.data_ptr<scalar_t>(), true, g.nhwc);
   });
   const at::ScalarType out_dtype = x.scalar_type();
-  return {ghost.x.view(x.sizes()).to(out_dtype),
+  return {ghost.x.to(out_dtype),
           ghost.primary_weight.view(primary_weight.sizes()).to(out_dtype),
           ghost.cheap_weight.view(cheap_weight.sizes()).to(out_dtype),
           dfc.conv_weight.view(conv_weight.sizes()).to(out_dtype),

@@ -52,11 +52,78 @@ struct Scratch {
 
 // a1 of primary plane (n, c) for the backward: the whole plane.
 template <typename T>
-void primary_plane(const GhostBranch<T>& g, int64_t plane, Scratch<T>& sc) {
-  const int64_t size = g.sizes.height * g.sizes.width;
-  primary_values(g.y1.template data_ptr<T>() + plane * size, g.primary_affine[plane % g.sizes.init], g.relu, 0, size,
-                 sc.a1.values());
+void primary_plane(const GhostBranch<T>& g, int64_t n, int64_t c, Scratch<T>& sc) {
+  primary_values(g.y1_plane(n, c), g.primary_affine[c], g.relu, 0, g.sizes.height * g.sizes.width, sc.a1.values());
   sc.a1.set_rows(0, g.sizes.height);
+}
+
+// A backward task: primary channels [c0, c1) of sample n, with their cheap channels.
+struct PrimaryBlock {
+  int64_t n, c0, c1;
+};
+
+// The most primary channels per backward task over NHWC data: a pixel's grad_out values of a block are then up to a
+// cache line, read once and transposed into per-thread planes.
+constexpr int64_t kNhwcChannelBlock = 16;
+
+// The planes of grad_out a backward task reads. NCHW: grad_out's own planes. NHWC: the task's channels transposed
+// into per-thread planes as they are read (grad_out is read once from memory either way, and every plane loop of
+// the backward stays flat).
+template <typename T>
+class GradOutPlanes {
+ public:
+  GradOutPlanes(const T* grad_out, const GhostSizes& s, bool nhwc, int64_t block)
+      : grad_out_(grad_out), s_(s), nhwc_(nhwc),
+        planes_(nhwc ? block * (1 + s.multiplier) * s.height * s.width : 0) {}
+
+  // The planes of block b: its cheap channels', and its primary channels' too when `primary`.
+  void load(const PrimaryBlock& b, bool primary) {
+    b_ = b;
+    if (!nhwc_) return;
+    const int64_t size = s_.height * s_.width, j0 = b.c0 * s_.multiplier;
+    const int64_t j1 = std::min(b.c1 * s_.multiplier, s_.oup - s_.init);
+    const T* sample = grad_out_ + b.n * size * s_.oup;
+    if (primary) transpose(sample + b.c0, size, b.c1 - b.c0, s_.oup, planes_.data(), size);
+    if (j1 > j0) transpose(sample + s_.init + j0, size, j1 - j0, s_.oup, planes_.data() + (b.c1 - b.c0) * size, size);
+  }
+
+  // grad_out's plane of output channel och: a primary channel of the block or one of their kept cheap channels.
+  const T* plane(int64_t och) const {
+    const int64_t size = s_.height * s_.width;
+    if (!nhwc_) return grad_out_ + (b_.n * s_.oup + och) * size;
+    const int64_t index =
+        och < s_.init ? och - b_.c0 : (b_.c1 - b_.c0) + (och - s_.init - b_.c0 * s_.multiplier);
+    return planes_.data() + index * size;
+  }
+
+ private:
+  const T* grad_out_;
+  const GhostSizes& s_;
+  bool nhwc_;
+  std::vector<T> planes_;
+  PrimaryBlock b_{0, 0, 0};
+};
+
+// body(block, grad_out planes, scratch) for every backward task, split over the threads: one primary plane per task
+// for NCHW data; for NHWC, blocks of channels (their size does not change any result: every plane's partial sums
+// are kept apart). `primary`: whether the body reads the primary channels' grad_out planes.
+template <typename T, typename Body>
+void for_each_primary_block(const GhostBranch<T>& g, const T* grad_out, bool primary, const Body& body) {
+  const GhostSizes& s = g.sizes;
+  const int64_t per_sample = (2 * at::get_num_threads() + s.batch - 1) / std::max<int64_t>(s.batch, 1);
+  const int64_t block = g.nhwc ? std::clamp<int64_t>((s.init + per_sample - 1) / per_sample, 1, kNhwcChannelBlock)
+                               : 1;
+  const int64_t blocks = (s.init + block - 1) / block;
+  at::parallel_for(0, s.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc(s, s.height, true);
+    GradOutPlanes<T> planes(grad_out, s, g.nhwc, block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c0 = (task % blocks) * block;
+      const PrimaryBlock b{task / blocks, c0, std::min(s.init, c0 + block)};
+      planes.load(b, primary);
+      body(b, planes, sc);
+    }
+  });
 }
 
 template <typename T>
@@ -69,7 +136,7 @@ std::vector<Moments> cheap_moments(const GhostBranch<T>& g) {
     Scratch<T> sc(s, s.height, true);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.init, c = plane % s.init;
-      primary_plane(g, plane, sc);
+      primary_plane(g, n, c, sc);
       for (int64_t r = 0; r < s.multiplier; ++r) {
         const int64_t j = c * s.multiplier + r;
         T* y2 = sc.y2.data();
@@ -82,11 +149,11 @@ std::vector<Moments> cheap_moments(const GhostBranch<T>& g) {
   return combine_planes(partials, s.batch, s.cheap);
 }
 
-// Cheap channel j of sample n, given a1 in sc.a1: its convolution y2 into sc.y2 and the gradient of its BatchNorm's
-// output into sc.dy.values(); with a gate, grad_out times the ungated output into sc.product. Returns the BatchNorm
-// backward's sums.
+// Cheap channel j of sample n, given a1 in sc.a1 and grad_out's plane of the channel: its convolution y2 into sc.y2
+// and the gradient of its BatchNorm's output into sc.dy.values(); with a gate, grad_out times the ungated output into
+// sc.product. Returns the BatchNorm backward's sums.
 template <typename T>
-GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const T* grad_out, const Gate<T>* gate,
+GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const T* go, const Gate<T>* gate,
                             Scratch<T>& sc) {
   const GhostSizes& s = g.sizes;
   const int64_t och = s.init + j, size = s.height * s.width;
@@ -95,7 +162,6 @@ GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const
                  [&](int64_t q, T v) { y2[q] = v; });
   const Affine<T> bn = g.cheap_affine[j];
   const bool relu = g.relu;
-  const T* go = grad_out + (n * s.oup + och) * size;
   T* dv = sc.dy.values();
   if (gate == nullptr) {
 #pragma omp simd
@@ -122,16 +188,14 @@ template <typename T>
 std::vector<GradSums> cheap_grad_sums(const GhostBranch<T>& g, const T* grad_out, const Gate<T>* gate) {
   const GhostSizes& s = g.sizes;
   std::vector<GradSums> partials(s.batch * s.cheap, GradSums{0, 0});
-  at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(s, s.height, true);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / s.init, c = plane % s.init;
+  for_each_primary_block(g, grad_out, false, [&](const PrimaryBlock& b, const GradOutPlanes<T>& go, Scratch<T>& sc) {
+    for (int64_t c = b.c0; c < b.c1; ++c) {
       const int64_t kept = kept_cheap_channels(s, c);
       if (kept == 0) continue;
-      primary_plane(g, plane, sc);
+      primary_plane(g, b.n, c, sc);
       for (int64_t r = 0; r < kept; ++r) {
         const int64_t j = c * s.multiplier + r;
-        partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, sc);
+        partials[b.n * s.cheap + j] = cheap_channel_grad(g, b.n, j, go.plane(s.init + j), gate, sc);
       }
     }
   });
@@ -146,28 +210,33 @@ GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weigh
                             bool batch_statistics, const at::Tensor& saved_y1) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
   const GhostSizes& s = sizes;
+  const int64_t size = s.height * s.width;
+  const bool nhwc = takes_nhwc_path(x);
   GhostBranch<T> g{sizes,
                    relu,
-                   dense(x, dtype).view({s.batch, s.in_channels, s.height * s.width}),
+                   nhwc,
+                   (nhwc ? dense_channels_last(x, dtype) : dense(x, dtype)).view({s.batch, s.in_channels, size}),
                    dense(primary_weight, dtype).view({s.init, s.in_channels}),
                    dense(cheap_weight, dtype).view({s.cheap, s.dw * s.dw}),
                    at::Tensor(),
+                   nhwc ? PlaneLayout::channel_major(s.batch, size) : PlaneLayout::nchw(s.init, size),
                    std::move(primary_bn),
                    std::move(cheap_bn),
                    {},
                    {}};
   if (!saved_y1.defined() || saved_y1.numel() == 0) {
-    g.y1 = conv1x1(g.x, g.primary_weight);
+    g.y1 = nhwc ? pixels_gemm(g.x.transpose(1, 2).reshape({s.batch * size, s.in_channels}), g.primary_weight)
+                : conv1x1(g.x, g.primary_weight);
   } else {
-    TORCH_CHECK(saved_y1.scalar_type() == dtype && saved_y1.numel() == s.batch * s.init * s.height * s.width &&
+    TORCH_CHECK(saved_y1.scalar_type() == dtype && saved_y1.numel() == s.batch * s.init * size &&
                     saved_y1.is_contiguous(),
-                "saved must be the primary convolution's output its forward returned: ", s.batch * s.init * s.height *
-                s.width, " contiguous values of ", dtype, ", got ", saved_y1.numel(), " of ", saved_y1.scalar_type());
-    g.y1 = saved_y1.view({s.batch, s.init, s.height * s.width});
+                "saved must be the primary convolution's output its forward returned: ", s.batch * s.init * size,
+                " contiguous values of ", dtype, ", got ", saved_y1.numel(), " of ", saved_y1.scalar_type());
+    g.y1 = nhwc ? saved_y1.view({s.init, s.batch * size}) : saved_y1.view({s.batch, s.init, size});
   }
   if (batch_statistics)
-    set_batch_statistics(g.primary_bn, channel_moments(g.y1.template data_ptr<T>(), s.batch, s.init,
-                                                       s.height * s.width));
+    set_batch_statistics(g.primary_bn,
+                         channel_moments(g.y1.template data_ptr<T>(), s.batch, s.init, size, g.y1_layout));
   g.primary_affine = folded<T>(g.primary_bn);
   if (batch_statistics) set_batch_statistics(g.cheap_bn, cheap_moments(g));
   g.cheap_affine = folded<T>(g.cheap_bn);
@@ -179,11 +248,12 @@ at::Tensor saved_primary(const GhostBranch<T>& g, bool training) {
   return training ? g.y1.view(-1) : at::empty({0}, g.y1.options());
 }
 
+namespace {
+
 template <typename T>
-void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
+void ghost_write_nchw(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   const GhostSizes& s = g.sizes;
   const int64_t size = s.height * s.width, taps = s.dw * s.dw, pad = s.dw / 2;
-  const T* y1 = g.y1.template data_ptr<T>();
   const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
   const int64_t block = std::clamp<int64_t>(kBlockElements / std::max<int64_t>(s.width, 1), 1, s.height);
   const bool relu = g.relu;
@@ -195,7 +265,7 @@ void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
       const int64_t n = plane / s.init, c = plane % s.init;
       const int64_t kept = kept_cheap_channels(s, c);
       const Affine<T> bn0 = g.primary_affine[c];
-      const T* y = y1 + plane * size;
+      const T* y = g.y1_plane(n, c);
       int64_t ready = 0;  // rows of a1 computed (and written to the output) so far
       for (int64_t row0 = 0; row0 < s.height; row0 += block) {
         const int64_t row1 = std::min(s.height, row0 + block);
@@ -237,30 +307,22 @@ void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   });
 }
 
-namespace {
-
-// Elements of act(BN0(y1)) per row block of ghost_forward_nhwc (rows times W times init), halo rows included.
+// Elements of act(BN0(y1)) per row block of ghost_write_nhwc (rows times W times init), halo rows included.
 constexpr int64_t kNhwcBlockElements = 32768;
 
-}  // namespace
-
 template <typename T>
-void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, const at::Tensor& cheap_weight,
-                        const BatchNorm& primary_bn, const BatchNorm& cheap_bn, const GhostSizes& s, bool relu,
-                        const Gate<T>* gate, T* out) {
-  const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
+void ghost_write_nhwc(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
+  const GhostSizes& s = g.sizes;
+  const bool relu = g.relu;
   const int64_t H = s.height, W = s.width, init = s.init, oup = s.oup, m = s.multiplier;
   const int64_t kept = oup - init;  // cheap channels that land in the output ([:oup] drops the others)
   const int64_t k = s.dw, pad = k / 2;
-  const int64_t pixels = s.batch * H * W;
-  const at::Tensor y1_tensor = pixels_gemm(x.permute({0, 2, 3, 1}).reshape({pixels, s.in_channels}),
-                                           dense(primary_weight, dtype).view({init, s.in_channels}));  // [init, P]
   // [dw * dw, cheap]: one tap of every cheap channel contiguous.
-  const at::Tensor taps_tensor = dense(cheap_weight, dtype).view({s.cheap, k * k}).t().contiguous();
-  const T* y1 = y1_tensor.template data_ptr<T>();
+  const at::Tensor taps_tensor = g.cheap_weight.t().contiguous();
   const T* taps = taps_tensor.template data_ptr<T>();
   std::vector<T> scale0(init), shift0(init), scale1(kept), shift1(kept);
-  const std::vector<Affine<T>> bn0 = folded<T>(primary_bn), bn1 = folded<T>(cheap_bn);
+  const std::vector<Affine<T>>& bn0 = g.primary_affine;
+  const std::vector<Affine<T>>& bn1 = g.cheap_affine;
   for (int64_t c = 0; c < init; ++c) {
     scale0[c] = bn0[c].scale;
     shift0[c] = bn0[c].shift;
@@ -288,7 +350,7 @@ void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, c
       const int64_t hi = kept > 0 ? std::min(H, row1 + pad) : row1;
       for (int64_t i = lo; i < hi; ++i)  // a1 = act(BN0(y1)) of the block's rows and their halo, as [W, init]
         for (int64_t c = 0; c < init; ++c) {
-          const T* y = y1 + c * pixels + (n * H + i) * W;
+          const T* y = g.y1_plane(n, c) + i * W;
           T* a = a1.data() + (i - lo) * row + c;
           const T scale = scale0[c], shift = shift0[c];
           for (int64_t j = 0; j < W; ++j) a[j * init] = activate(scale * y[j] + shift, relu);
@@ -313,12 +375,12 @@ void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, c
         for (int64_t j = 0; j < W; ++j) {
           T* o = out + ((n * H + i) * W + j) * oup;
           const T* a = a1.data() + (i - lo) * row + j * init;
-          const T* g = gate != nullptr ? gate->pixel(gq, n, i, j, gv.data()) : nullptr;
-          if (g == nullptr) {
+          const T* gp = gate != nullptr ? gate->pixel(gq, n, i, j, 0, oup, gv.data()) : nullptr;
+          if (gp == nullptr) {
             std::copy(a, a + init, o);
           } else {
 #pragma omp simd
-            for (int64_t c = 0; c < init; ++c) o[c] = a[c] * g[c];
+            for (int64_t c = 0; c < init; ++c) o[c] = a[c] * gp[c];
           }
           if (kept == 0) continue;
           const T* v = acc.data() + (flat ? j * init : 0);
@@ -337,11 +399,11 @@ void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, c
             }
           }
           T* o2 = o + init;
-          if (g == nullptr) {
+          if (gp == nullptr) {
 #pragma omp simd
             for (int64_t c = 0; c < kept; ++c) o2[c] = activate(scale1[c] * v[c] + shift1[c], relu);
           } else {
-            const T* g2 = g + init;
+            const T* g2 = gp + init;
 #pragma omp simd
             for (int64_t c = 0; c < kept; ++c) o2[c] = activate(scale1[c] * v[c] + shift1[c], relu) * g2[c];
           }
@@ -349,6 +411,17 @@ void ghost_forward_nhwc(const at::Tensor& x, const at::Tensor& primary_weight, c
       }
     }
   });
+}
+
+}  // namespace
+
+template <typename T>
+void ghost_write(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
+  if (g.nhwc) {
+    ghost_write_nhwc(g, gate, out);
+  } else {
+    ghost_write_nchw(g, gate, out);
+  }
 }
 
 template <typename T>
@@ -364,9 +437,8 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
       backward_coefficients<T>(g.primary_bn, std::vector<GradSums>(s.init, GradSums{0, 0}), count, false);
 
   // One pass per primary plane: the cheap channels' backward (BatchNorm, weight gradient, transposed convolution
-  // into a1's gradient), then the primary channel's (gate, activation). y1_grad holds the gradient of the
-  // primary BatchNorm's output (training) or of y1 itself (eval).
-  const T* y1 = g.y1.template data_ptr<T>();
+  // into a1's gradient), then the primary channel's (gate, activation). y1_grad (laid out like y1) holds the
+  // gradient of the primary BatchNorm's output (training) or of y1 itself (eval).
   const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
   at::Tensor y1_grad = at::empty_like(g.y1);
   T* y1_grad_data = y1_grad.template data_ptr<T>();
@@ -374,19 +446,18 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
   std::vector<GradSums> primary_partials(s.batch * s.init, GradSums{0, 0});
   std::vector<double> tap_partials(s.batch * s.cheap * taps, 0.0);
   const bool relu = g.relu;
-  at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(s, s.height, true);
+  for_each_primary_block(g, grad_out, true, [&](const PrimaryBlock& b, const GradOutPlanes<T>& planes, Scratch<T>& sc) {
     const T* a1 = sc.a1.values();
     T* a1_grad = sc.a1_grad.data();
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / s.init, c = plane % s.init;
+    const int64_t n = b.n;
+    for (int64_t c = b.c0; c < b.c1; ++c) {
       const int64_t kept = kept_cheap_channels(s, c);
-      const T* y = y1 + plane * size;
-      primary_plane(g, plane, sc);
+      const T* y = g.y1_plane(n, c);
+      primary_plane(g, n, c, sc);
       if (kept == 0) std::fill(sc.a1_grad.begin(), sc.a1_grad.end(), T(0));
       for (int64_t r = 0; r < kept; ++r) {
         const int64_t j = c * s.multiplier + r;
-        cheap_partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, grad_out, gate, sc);
+        cheap_partials[n * s.cheap + j] = cheap_channel_grad(g, n, j, planes.plane(s.init + j), gate, sc);
         if (dgate != nullptr) gate_grad(*gate, sc.product.data(), n, s.init + j, dgate);
         const BatchNormGrad<T> k = cheap_coefficients[j];
         T* dy = sc.dy.values();
@@ -403,8 +474,8 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
           depthwise_rows(sc.dy, sc.rotated.data(), 0, s.height, sc.conv.data(),
                          [&](int64_t q, T v) { a1_grad[q] += v; });
       }
-      const T* go = grad_out + (n * s.oup + c) * size;
-      T* dst = y1_grad_data + plane * size;
+      const T* go = planes.plane(c);
+      T* dst = y1_grad_data + g.y1_layout.offset(n, c);
       if (gate == nullptr) {
 #pragma omp simd
         for (int64_t q = 0; q < size; ++q) dst[q] = activation_backward(go[q] + a1_grad[q], a1[q], relu);
@@ -420,8 +491,9 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
         gate_grad(*gate, product, n, c, dgate);
       }
       const T mean = static_cast<T>(g.primary_bn.mean[c]);
-      primary_partials[plane] = {blocked_sum<T>(0, size, [&](int64_t q) { return dst[q]; }),
-                                 blocked_sum<T>(0, size, [&](int64_t q) { return dst[q] * (y[q] - mean); })};
+      primary_partials[n * s.init + c] = {
+          blocked_sum<T>(0, size, [&](int64_t q) { return dst[q]; }),
+          blocked_sum<T>(0, size, [&](int64_t q) { return dst[q] * (y[q] - mean); })};
       if (!training) {
         const T scale = eval_primary[c].a;
 #pragma omp simd
@@ -435,9 +507,10 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
     const std::vector<BatchNormGrad<T>> k = backward_coefficients<T>(g.primary_bn, primary_sums, count, true);
     at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
-        const BatchNormGrad<T> kc = k[plane % s.init];
-        T* dst = y1_grad_data + plane * size;
-        const T* y = y1 + plane * size;
+        const int64_t n = plane / s.init, c = plane % s.init;
+        const BatchNormGrad<T> kc = k[c];
+        T* dst = y1_grad_data + g.y1_layout.offset(n, c);
+        const T* y = g.y1_plane(n, c);
 #pragma omp simd
         for (int64_t q = 0; q < size; ++q) dst[q] = kc.a * dst[q] + kc.b * y[q] + kc.c;
       }
@@ -445,8 +518,15 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
   }
 
   GhostGrads grads;
-  grads.x = conv1x1(y1_grad, g.primary_weight.t());
-  grads.primary_weight = conv1x1_weight_grad(y1_grad, g.x);
+  if (g.nhwc) {  // y1_grad [init, N * H * W]: dx [N * H * W, Cin] is NHWC
+    grads.x = rows_gemm(y1_grad.t(), g.primary_weight)
+                  .view({s.batch, s.height, s.width, s.in_channels})
+                  .permute({0, 3, 1, 2});
+    grads.primary_weight = conv1x1_weight_grad(y1_grad.view({s.init, s.batch, size}).transpose(0, 1), g.x);
+  } else {
+    grads.x = conv1x1(y1_grad, g.primary_weight.t()).view({s.batch, s.in_channels, s.height, s.width});
+    grads.primary_weight = conv1x1_weight_grad(y1_grad, g.x);
+  }
   grads.cheap_weight = combine_tap_partials(tap_partials, s.batch, s.cheap, taps, g.x.options());
   batch_norm_param_grads(g.primary_bn, primary_sums, grads.primary_bn_weight, grads.primary_bn_bias);
   batch_norm_param_grads(g.cheap_bn, combine_planes(cheap_partials, s.batch, s.cheap), grads.cheap_bn_weight,
@@ -459,9 +539,7 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
                                           BatchNorm, const GhostSizes&, bool, bool, const at::Tensor&);          \
   template at::Tensor saved_primary<T>(const GhostBranch<T>&, bool);                                             \
   template void ghost_write<T>(const GhostBranch<T>&, const Gate<T>*, T*);                                       \
-  template GhostGrads ghost_backward<T>(const GhostBranch<T>&, const T*, const Gate<T>*, T*, bool);              \
-  template void ghost_forward_nhwc<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const BatchNorm&,    \
-                                      const BatchNorm&, const GhostSizes&, bool, const Gate<T>*, T*);
+  template GhostGrads ghost_backward<T>(const GhostBranch<T>&, const T*, const Gate<T>*, T*, bool);
 GHOSTFUSED_INSTANTIATE(float)
 GHOSTFUSED_INSTANTIATE(double)
 #undef GHOSTFUSED_INSTANTIATE
@@ -480,17 +558,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
     bn_mean, bn_var, bn_eps, oup, training && !sync.active());
   std::vector<BatchNorm> bns = batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync);
   const at::ScalarType dtype = compute_dtype(x);
-  const bool nhwc = takes_nhwc_path(x, training);
-  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype),
-                                nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  at::Tensor mean, var, saved = at::empty({0}, x.options().dtype(dtype));
+  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype), memory_format_of(x));
+  at::Tensor mean, var, saved;
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
-    if (nhwc) {
-      ghost_forward_nhwc<scalar_t>(dense_channels_last(x, dtype), primary_weight, cheap_weight, bns[0], bns[1], s,
-                                   relu, nullptr, out.data_ptr<scalar_t>());
-      std::tie(mean, var) = packed_statistics({&bns[0], &bns[1]}, x);
-      return;
-    }
     const GhostBranch<scalar_t> g =
         ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training, at::Tensor());
     ghost_write<scalar_t>(g, nullptr, out.data_ptr<scalar_t>());
@@ -511,14 +581,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_con
   check_grad_out(kBackward, grad_out, x, s.oup);
   std::vector<BatchNorm> bns = batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync);
   const at::ScalarType dtype = compute_dtype(x);
-  const at::Tensor grad = dense(grad_out, dtype);
+  const at::Tensor grad = takes_nhwc_path(x) ? dense_channels_last(grad_out, dtype) : dense(grad_out, dtype);
   GhostGrads grads;
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_backward", [&] {
     const GhostBranch<scalar_t> g =
         ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, false, saved);
     grads = ghost_backward<scalar_t>(g, grad.data_ptr<scalar_t>(), nullptr, nullptr, training);
   });
-  return {grads.x.view(x.sizes()).to(x.scalar_type()),
+  return {grads.x.to(x.scalar_type()),
           grads.primary_weight.view(primary_weight.sizes()).to(x.scalar_type()),
           grads.cheap_weight.view(cheap_weight.sizes()).to(x.scalar_type()),
           packed({grads.primary_bn_weight, grads.cheap_bn_weight}, x),

@@ -351,7 +351,8 @@ def main():
           f"{env['ghostfused']} (commit {(env['git_commit'] or 'unknown')[:7]}), {env['cpu']} ({env['cpu_count']} "
           f"vCPUs), load {env['load_average']}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, medians of {args.repeats} "
-          f"interleaved runs ({clock})")
+          f"interleaved runs ({clock}); allocator environment: "
+          f"{env['allocator_environment'] or 'none (glibc malloc defaults)'}")
     if not args.no_ops:
         print("\n".join(op_table(args.batch, args.repeats)))
     if args.overhead:

@@ -98,6 +98,7 @@ def bench(args: argparse.Namespace, command: str) -> int:
     log(f"$ {command}")
     log(f"ghostfused {__version__}, torch {torch.__version__}, triton {environment['triton']}; "
         f"{environment['device_name']}, {environment['threads']} threads; {started.isoformat(timespec='seconds')}")
+    log(f"allocator environment: {environment['allocator_environment'] or 'none (glibc malloc defaults)'}")
     for name in backends.BACKENDS:
         reason = backends.unavailable_reason(name)
         log(f"  backend {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")

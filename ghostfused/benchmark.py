@@ -582,6 +582,12 @@ def load_average() -> list[float] | None:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def allocator_environment() -> dict:
+    """The environment variables that change how the host allocates memory (glibc tunables, a preloaded malloc):
+    on a CPU they decide whether each large tensor costs fresh zeroed pages (README, Results)."""
+    return {k: v for k, v in os.environ.items() if k in ("GLIBC_TUNABLES", "LD_PRELOAD") or k.startswith("MALLOC_")}
+
+
 def environment(device: torch.device) -> dict:
     """Device name, versions, thread count and commit: what the JSON file records beside the figures."""
     from . import __version__
@@ -589,6 +595,7 @@ def environment(device: torch.device) -> dict:
     info = {"device_type": device.type, "device_name": _cpu_name(), "cpu": _cpu_name(),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average": load_average(), "platform": platform.platform(),
+            "allocator_environment": allocator_environment(),
             "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
             "ghostfused": __version__, "git_commit": _git_commit(), "cuda": torch.version.cuda,
             "available_backends": backends.available_backends(),

@@ -335,15 +335,21 @@ void ghost_write_nhwc(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   const T* gq = gate != nullptr ? gate_tensor.template data_ptr<T>() : nullptr;
   const int64_t block = std::clamp<int64_t>(kNhwcBlockElements / std::max<int64_t>(W * init, 1), 1, H);
   const int64_t blocks = (H + block - 1) / block, row = W * init;
+  // a1 rows are stored with pad zero pixels on either side ([W + 2 pad, init]), and rows outside the plane read a
+  // row of zeros: every tap of every output pixel reads inside the buffer, with no bounds to clip.
+  const int64_t padded_row = (W + 2 * pad) * init;
+  const std::vector<T> zero_row(padded_row, T(0));
   // With one cheap channel per primary channel (ratio 2, as in GhostNetV2), cheap channel c reads a1 channel c:
   // a tap is then one FMA over a whole output row of [W, init] values, with the tap's weights repeated per pixel
-  // (tap_rows), however few the channels. Otherwise a loop per pixel gathers a1 channel c / m.
+  // (tap_rows), however few the channels; the 3x3 kernel takes its nine taps in one pass. Otherwise a loop per
+  // pixel gathers a1 channel c / m.
   const bool flat = m == 1;
   std::vector<T> tap_rows(flat && kept > 0 ? k * k * row : 0);
   for (int64_t t = 0; t < k * k && flat && kept > 0; ++t)
     for (int64_t q = 0; q < row; ++q) tap_rows[t * row + q] = q % init < kept ? taps[t * s.cheap + q % init] : T(0);
   at::parallel_for(0, s.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> a1((block + 2 * pad) * row), acc(flat ? row : kept), gv(gate != nullptr ? oup : 0);
+    std::vector<T> a1((block + 2 * pad) * padded_row, T(0)), acc(flat ? row : kept), gv(gate != nullptr ? oup : 0);
+    std::vector<const T*> rows(k);  // the padded a1 rows that output row i reads
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, row0 = (task % blocks) * block, row1 = std::min(H, row0 + block);
       const int64_t lo = kept > 0 ? std::max<int64_t>(0, row0 - pad) : row0;
@@ -351,30 +357,44 @@ void ghost_write_nhwc(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
       for (int64_t i = lo; i < hi; ++i)  // a1 = act(BN0(y1)) of the block's rows and their halo, as [W, init]
         for (int64_t c = 0; c < init; ++c) {
           const T* y = g.y1_plane(n, c) + i * W;
-          T* a = a1.data() + (i - lo) * row + c;
+          T* a = a1.data() + (i - lo) * padded_row + pad * init + c;
           const T scale = scale0[c], shift = shift0[c];
           for (int64_t j = 0; j < W; ++j) a[j * init] = activate(scale * y[j] + shift, relu);
         }
       for (int64_t i = row0; i < row1; ++i) {
+        for (int64_t ta = 0; ta < k; ++ta) {  // the padded row of tap row ta, from its pixel -pad
+          const int64_t ii = i + ta - pad;
+          rows[ta] = ii < 0 || ii >= H ? zero_row.data() : a1.data() + (ii - lo) * padded_row;
+        }
         if (flat && kept > 0) {  // acc[j * init + c] = the cheap convolution of channel c at (i, j)
           T* sum = acc.data();
-          std::fill(acc.begin(), acc.end(), T(0));
-          for (int64_t ta = 0; ta < k; ++ta) {
-            const int64_t ii = i + ta - pad;
-            if (ii < 0 || ii >= H) continue;
-            for (int64_t tb = 0; tb < k; ++tb) {
-              const int64_t shift = (tb - pad) * init;  // pixel j reads pixel j + tb - pad
-              const int64_t q0 = std::max<int64_t>(0, -shift), q1 = std::min(row, row - shift);
-              const T* src = a1.data() + (ii - lo) * row;
-              const T* w = tap_rows.data() + (ta * k + tb) * row;
+          const T* w = tap_rows.data();
+          if (k == 3) {  // per pixel, the taps' [9, kept] weights stay in L1 (tap_rows of a wide row would not)
+            const T *w0 = taps, *w1 = taps + s.cheap, *w2 = taps + 2 * s.cheap, *w3 = taps + 3 * s.cheap,
+                    *w4 = taps + 4 * s.cheap, *w5 = taps + 5 * s.cheap, *w6 = taps + 6 * s.cheap,
+                    *w7 = taps + 7 * s.cheap, *w8 = taps + 8 * s.cheap;
+            for (int64_t j = 0; j < W; ++j) {
+              const T *r0 = rows[0] + j * init, *r1 = rows[1] + j * init, *r2 = rows[2] + j * init;
+              const int64_t c1 = init, c2 = 2 * init;  // tap column b reads b pixels further
+              T* sj = sum + j * init;
 #pragma omp simd
-              for (int64_t q = q0; q < q1; ++q) sum[q] += w[q] * src[q + shift];
+              for (int64_t c = 0; c < kept; ++c)
+                sj[c] = w0[c] * r0[c] + w1[c] * r0[c + c1] + w2[c] * r0[c + c2] + w3[c] * r1[c] + w4[c] * r1[c + c1] +
+                        w5[c] * r1[c + c2] + w6[c] * r2[c] + w7[c] * r2[c + c1] + w8[c] * r2[c + c2];
+            }
+          } else {
+            std::fill(acc.begin(), acc.end(), T(0));
+            for (int64_t t = 0; t < k * k; ++t) {
+              const T* src = rows[t / k] + (t % k) * init;
+              const T* wt = w + t * row;
+#pragma omp simd
+              for (int64_t q = 0; q < row; ++q) sum[q] += wt[q] * src[q];
             }
           }
         }
         for (int64_t j = 0; j < W; ++j) {
           T* o = out + ((n * H + i) * W + j) * oup;
-          const T* a = a1.data() + (i - lo) * row + j * init;
+          const T* a = rows[pad] + (pad + j) * init;
           const T* gp = gate != nullptr ? gate->pixel(gq, n, i, j, 0, oup, gv.data()) : nullptr;
           if (gp == nullptr) {
             std::copy(a, a + init, o);
@@ -386,16 +406,10 @@ void ghost_write_nhwc(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
           const T* v = acc.data() + (flat ? j * init : 0);
           if (!flat) {  // the cheap convolution of this pixel, zero padding
             std::fill(acc.begin(), acc.end(), T(0));
-            for (int64_t ta = 0; ta < k; ++ta) {
-              const int64_t ii = i + ta - pad;
-              if (ii < 0 || ii >= H) continue;
-              for (int64_t tb = 0; tb < k; ++tb) {
-                const int64_t jj = j + tb - pad;
-                if (jj < 0 || jj >= W) continue;
-                const T* src = a1.data() + (ii - lo) * row + jj * init;
-                const T* w = taps + (ta * k + tb) * s.cheap;
-                for (int64_t c = 0; c < kept; ++c) acc[c] += w[c] * src[c / m];
-              }
+            for (int64_t t = 0; t < k * k; ++t) {
+              const T* src = rows[t / k] + (j + t % k) * init;
+              const T* w = taps + t * s.cheap;
+              for (int64_t c = 0; c < kept; ++c) acc[c] += w[c] * src[c / m];
             }
           }
           T* o2 = o + init;

@@ -8,6 +8,7 @@ call by call, and the table shows medians and their ratio:
 * dfc_attention: features * upsample(sigmoid(short_conv(avg_pool(x))));
 * ghost_attn: the whole 'attn' module.
 
+``--depthwise`` times ``ops.depthwise_bn`` against eager Conv2d + BatchNorm2d on the model's nine depthwise pairs.
 ``--overhead`` also times, at batch 1 in eval, the public op (validation + custom-op dispatch + autograd wrapper)
 against the raw ``torch.ops.ghostfused_C.<op>_forward`` kernel, to show the cost of the Python path.
 ``--model`` adds ghostnetv2_100 inference (batch 1 and 8) and a training step (batch 8: forward, backward, SGD):
@@ -123,6 +124,51 @@ def op_table(batches, repeats) -> list[str]:
             for op, (e, f) in totals.items():
                 lines.append(f"{op:<14} {'train' if training else 'eval':<5} {batch:>2} {'all 14 attn modules':>18} "
                              f"{e * 1e3:>9.3f} {f * 1e3:>8.3f} {e / f:>7.2f}x   <- model-weighted")
+    return lines
+
+
+# (C, k, H, stride) of the depthwise convolution + BatchNorm pairs of ghostnetv2_100 at 224x224: the four bottlenecks'
+# conv_dw + bn_dw, then the five shortcuts' first two layers.
+DEPTHWISE_SHAPES = [(48, 3, 112, 2), (72, 5, 56, 2), (240, 3, 28, 2), (672, 5, 14, 2), (16, 3, 112, 2),
+                    (24, 5, 56, 2), (40, 3, 28, 2), (80, 3, 14, 1), (112, 5, 14, 2)]
+
+
+def depthwise_table(batches, repeats) -> list[str]:
+    """ops.depthwise_bn on the cpu backend against eager Conv2d + BatchNorm2d (NCHW), eval and train (forward +
+    backward), every pair of the model, and their sum."""
+    lines = [f"{'depthwise_bn':<12} {'mode':<5} {'N':>2} {'C':>4} {'k':>2} {'s':>2} {'HxW':>7} {'eager ms':>9} "
+             f"{'cpu ms':>8} {'speedup':>8}"]
+    for training in (False, True):
+        mode = "train" if training else "eval"
+        for batch in batches:
+            total = {"eager": 0.0, "cpu": 0.0}
+            for c, k, size, stride in DEPTHWISE_SHAPES:
+                conv = torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
+                bn = randomize_batch_norms(torch.nn.Sequential(torch.nn.BatchNorm2d(c)))[0].train(training)
+                x = torch.randn(batch, c, size, size, requires_grad=training)
+                out_size = (size - 1) // stride + 1
+                grad = torch.randn(batch, c, out_size, out_size)
+
+                def run(fn):
+                    if training:
+                        return lambda: fn().backward(grad)
+
+                    def no_grad():
+                        with torch.no_grad():
+                            fn()
+                    return no_grad
+
+                t = side_by_side({
+                    "eager": run(lambda: bn(conv(x))),
+                    "cpu": run(lambda: ops.depthwise_bn(x, conv.weight, bn, stride, training=training, backend="cpu")),
+                }, repeats)
+                for name in total:
+                    total[name] += t[name]
+                lines.append(f"{'':<12} {mode:<5} {batch:>2} {c:>4} {k:>2} {stride:>2} {size:>3}x{size:<3} "
+                             f"{t['eager'] * 1e3:>9.3f} {t['cpu'] * 1e3:>8.3f} {t['eager'] / t['cpu']:>7.2f}x")
+            lines.append(f"{'':<12} {mode:<5} {batch:>2} {'all 9 pairs of the model':>24} "
+                         f"{total['eager'] * 1e3:>9.3f} {total['cpu'] * 1e3:>8.3f} "
+                         f"{total['eager'] / total['cpu']:>7.2f}x")
     return lines
 
 
@@ -335,6 +381,8 @@ def main():
                         help="split the fused model's time into fused kernels, their GEMMs and the rest")
     parser.add_argument("--gemm", action="store_true",
                         help="the 1x1 convolutions: bmm against oneDNN, and the two NHWC GEMM orientations")
+    parser.add_argument("--depthwise", action="store_true",
+                        help="the depthwise convolution + BatchNorm pairs (ops.depthwise_bn) against eager")
     parser.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     parser.add_argument("--cpu-time", action="store_true", help="time with the process CPU time (needs --threads 1)")
     args = parser.parse_args()
@@ -355,6 +403,8 @@ def main():
           f"{env['allocator_environment'] or 'none (glibc malloc defaults)'}")
     if not args.no_ops:
         print("\n".join(op_table(args.batch, args.repeats)))
+    if args.depthwise:
+        print("\n".join(depthwise_table(args.batch, args.repeats)))
     if args.overhead:
         print("\n".join(overhead_table(args.repeats)))
     if args.model:

@@ -1,5 +1,7 @@
 #include "glue.h"
 
+#include "ghostfused/depthwise.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
@@ -181,9 +183,13 @@ void check_training_count(const char* op, int64_t count, bool training) {
 }
 
 void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, int64_t channels) {
+  check_grad_out(op, grad_out, x, {x.size(0), channels, x.size(2), x.size(3)});
+}
+
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, at::IntArrayRef sizes) {
   check_input(op, grad_out, "grad_out");
   check_like(op, grad_out, "grad_out", x);
-  check_shape(op, grad_out, "grad_out", {x.size(0), channels, x.size(2), x.size(3)});
+  check_shape(op, grad_out, "grad_out", sizes);
 }
 
 GhostSizes check_ghost_concat_arguments(const char* op, const at::Tensor& x, const at::Tensor& primary_weight,
@@ -222,6 +228,24 @@ GhostAttnSizes check_ghost_attn_arguments(const char* op, const at::Tensor& x, c
   check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {ghost.init, ghost.cheap, oup, oup, oup});
   check_training_count(op, ghost.batch * dfc.pooled_h * dfc.pooled_w, training);
   return {ghost, dfc};
+}
+
+DepthwiseSizes check_depthwise_bn_arguments(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                            at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
+                                            at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t stride,
+                                            bool training) {
+  check_input(op, x);
+  check_like(op, weight, "weight", x);
+  const int64_t channels = x.size(1), k = weight.dim() == 4 ? weight.size(3) : -1;
+  TORCH_CHECK(k >= 1 && k % 2 == 1, op, ": weight must have shape [C, 1, k, k] with k odd, got ", weight.sizes());
+  check_shape(op, weight, "weight", {channels, 1, k, k});
+  TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
+  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {channels});
+  const int kernel = static_cast<int>(k);
+  const int64_t out_h = strided_output_size(x.size(2), kernel, stride);
+  const int64_t out_w = strided_output_size(x.size(3), kernel, stride);
+  check_training_count(op, x.size(0) * out_h * out_w, training);
+  return {x.size(0), channels, x.size(2), x.size(3), kernel, stride, out_h, out_w};
 }
 
 }  // namespace ghostfused

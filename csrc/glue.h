@@ -76,6 +76,8 @@ void check_batch_norms(const char* op, const at::Tensor& x, at::TensorList bn_we
 void check_training_count(const char* op, int64_t count, bool training);
 // grad_out: [N, channels, H, W] like x (dtype, device).
 void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, int64_t channels);
+// grad_out: of shape `sizes`, like x (dtype, device).
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, at::IntArrayRef sizes);
 
 // Every argument of one op (the schemas in ghostfused/ops), checked as above; the CPU kernels and the CUDA glue
 // call these first, forward and backward alike. `training` as for check_training_count.
@@ -88,6 +90,16 @@ DfcSizes check_dfc_attention_arguments(const char* op, const at::Tensor& x, cons
                                        const at::Tensor& vertical_weight, at::TensorList bn_weight,
                                        at::TensorList bn_bias, at::TensorList bn_mean, at::TensorList bn_var,
                                        at::ArrayRef<double> bn_eps, const std::string& upsample, bool training);
+// Sizes of a depthwise convolution + BatchNorm (ghostfused/ops/depthwise_bn.py).
+struct DepthwiseSizes {
+  int64_t batch, channels, height, width;
+  int k;
+  int64_t stride, out_h, out_w;
+};
+DepthwiseSizes check_depthwise_bn_arguments(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                            at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
+                                            at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t stride,
+                                            bool training);
 struct GhostAttnSizes {
   GhostSizes ghost;
   DfcSizes dfc;

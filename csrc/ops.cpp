@@ -23,6 +23,9 @@ TORCH_LIBRARY(ghostfused_C, m) {
   m.def("ghost_attn_forward(" GHOSTFUSED_GHOST_ATTN_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("ghost_attn_backward(Tensor grad_out, Tensor saved, " GHOSTFUSED_GHOST_ATTN_ARGS
         ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("depthwise_bn_forward(" GHOSTFUSED_DEPTHWISE_BN_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("depthwise_bn_backward(Tensor grad_out, Tensor saved, " GHOSTFUSED_DEPTHWISE_BN_ARGS
+        ") -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

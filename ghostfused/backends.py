@@ -45,6 +45,12 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
 
 
+# The ops each backend has kernels for. A backend runs any other op (the bottleneck's depthwise_bn on GPUs, where
+# cuDNN's depthwise convolution is fast) through the eager reference.
+GHOST_OPS = ("ghost_concat", "dfc_attention", "ghost_attn")
+KERNEL_OPS = {"eager": GHOST_OPS + ("depthwise_bn",), "triton": GHOST_OPS, "cpu": GHOST_OPS + ("depthwise_bn",),
+              "cuda": GHOST_OPS}
+
 # Backends whose forward returns the primary convolution's output in training, for their backward to read instead of
 # recomputing it (see ghostfused.ops.define).
 SAVES_PRIMARY = ("cpu",)
@@ -187,6 +193,8 @@ _resolve_constant = torch.compiler.assume_constant_result(_resolve)
 def implementation(name: str, op: str) -> Implementation:
     """Backend ``name``'s forward and backward of op ``op``."""
     require(name)
+    if op not in KERNEL_OPS[name]:
+        return implementation("eager", op)
     if name == "eager":
         reference = importlib.import_module("ghostfused.reference")
         forward = getattr(reference, op)

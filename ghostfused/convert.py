@@ -1,11 +1,12 @@
-"""``ghostfused.convert``: swap fused Ghost modules into any model."""
+"""``ghostfused.convert``: swap fused Ghost modules (and depthwise convolution + BatchNorm pairs) into any model."""
 
 import warnings
 
 import torch.nn as nn
 
-from . import backends
-from .nn import GhostModuleV2, unfusable_reason
+from . import backends, reference
+from .nn import (DepthwiseBNSequential, GhostBottleneckV2, GhostModuleV2, depthwise_bn_reason,
+                 unfusable_reason)
 
 
 def is_ghost_module(module: nn.Module) -> bool:
@@ -26,15 +27,43 @@ def _fused(module: nn.Module, name: str, backend: str) -> nn.Module:
     return GhostModuleV2.from_module(module, backend)
 
 
+def _replace_children(model: nn.Module, replacement) -> None:
+    """setattr(parent, name, replacement(child, qualified name)) for every child it does not return as it is."""
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            new = replacement(child, name)
+            if new is not child:
+                setattr(parent, child_name, new)
+
+
+def _fused_layers(module: nn.Module, backend: str) -> nn.Module:
+    """Our bottleneck with its strided depthwise pair fused; a plain Sequential with (depthwise conv, BatchNorm)
+    pairs (GhostNetV2's shortcut, and any such Sequential) as a DepthwiseBNSequential."""
+    if isinstance(module, (GhostBottleneckV2, DepthwiseBNSequential)):
+        module.backend = backend
+        return module
+    if type(module) is reference.GhostBottleneckV2:
+        return GhostBottleneckV2.from_module(module, backend)
+    if type(module) is nn.Sequential and any(depthwise_bn_reason(a, b) is None
+                                            for a, b in zip(module, list(module)[1:])):
+        return DepthwiseBNSequential.from_module(module, backend)
+    return module
+
+
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace every Ghost module in ``model`` by a fused :class:`ghostfused.nn.GhostModuleV2`, in place.
+    """Replace every Ghost module in ``model`` by a fused :class:`ghostfused.nn.GhostModuleV2`, in place, and fuse
+    depthwise convolutions with the BatchNorm after them.
 
     Recognises our modules, the official GhostNet / GhostNetV2 code's and timm's ``GhostModule`` /
-    ``GhostModuleV2`` (by their ``primary_conv``, ``cheap_operation`` and, in 'attn' mode, ``short_conv``). The
-    fused modules share the originals' parameter and buffer tensors, so state-dict keys and values are unchanged,
-    as are outputs and gradients. A Ghost module the fused ops cannot compute stays as it is, with one warning
-    naming it. ``backend`` is 'auto', 'eager', 'triton', 'cpu' or 'cuda'. Returns ``model`` (or the fused module
-    when ``model`` is itself a Ghost module).
+    ``GhostModuleV2`` (by their ``primary_conv``, ``cheap_operation`` and, in 'attn' mode, ``short_conv``). A Ghost
+    module the fused ops cannot compute stays as it is, with one warning naming it. Our GhostNetV2 bottlenecks
+    become :class:`ghostfused.nn.GhostBottleneckV2` (``conv_dw`` + ``bn_dw`` as one op), and every plain
+    ``nn.Sequential`` holding a depthwise convolution followed by a BatchNorm (GhostNetV2's shortcut, in ours and
+    timm's models alike) a :class:`ghostfused.nn.DepthwiseBNSequential`. The fused modules share the originals'
+    parameter and buffer tensors, so state-dict keys and values are unchanged, as are outputs and gradients.
+    ``backend`` is 'auto', 'eager', 'triton', 'cpu' or 'cuda'. Returns ``model`` (or the fused module when ``model``
+    is itself a Ghost module).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -43,11 +72,10 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         backends.require(backend)
     if is_ghost_module(model):
         return _fused(model, "", backend)
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if is_ghost_module(child):
-                name = f"{parent_name}.{child_name}" if parent_name else child_name
-                fused = _fused(child, name, backend)
-                if fused is not child:
-                    setattr(parent, child_name, fused)
+    _replace_children(model, lambda child, name: _fused(child, name, backend) if is_ghost_module(child) else child)
+    # Bottlenecks before Sequentials: a bottleneck's replacement shares its shortcut, which is then replaced in it.
+    _replace_children(model, lambda child, name: _fused_layers(child, backend)
+                      if not isinstance(child, nn.Sequential) else child)
+    _replace_children(model, lambda child, name: _fused_layers(child, backend)
+                      if isinstance(child, nn.Sequential) else child)
     return model

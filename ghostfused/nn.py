@@ -8,6 +8,7 @@ layers are fused too: while they synchronise (training under ``torch.distributed
 fused ops normalise over the whole group's batch (``ghostfused.distributed``).
 """
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -135,11 +136,100 @@ class GhostModuleV2(reference.GhostModuleV2):
         return f"mode={self.mode!r}, oup={self.oup}, backend={self.backend!r}"
 
 
+def depthwise_bn_reason(conv: nn.Module, bn: nn.Module) -> str | None:
+    """Why ``ghostfused.ops.depthwise_bn`` cannot compute ``bn(conv(x))`` (None when it can)."""
+    if not isinstance(conv, nn.Conv2d) or conv.bias is not None:
+        return "the convolution must be an nn.Conv2d without bias"
+    k, stride = conv.kernel_size[0], conv.stride[0]
+    if (conv.kernel_size != (k, k) or k % 2 == 0 or conv.stride != (stride, stride) or conv.dilation != (1, 1)
+            or conv.padding != (k // 2, k // 2) or conv.padding_mode != "zeros"
+            or not conv.groups == conv.in_channels == conv.out_channels):
+        return "the convolution must be depthwise with an odd square kernel k, padding k // 2, one stride, no dilation"
+    if not is_fusable(bn) or bn.num_features != conv.out_channels:
+        return "the BatchNorm must be an affine nn.BatchNorm2d (or SyncBatchNorm) of the convolution's channels"
+    return None
+
+
+def depthwise_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, backend: str) -> Tensor:
+    """``bn(conv(x))`` for a pair that :func:`depthwise_bn_reason` accepts: ``ghostfused.ops.depthwise_bn`` where
+    the backend has a kernel for it (``backends.KERNEL_OPS``; the ``cpu`` backend, NCHW inputs), else the layers
+    themselves (cuDNN on GPUs and oneDNN in channels_last are fast; the op would only add its call cost)."""
+    resolved = backends.resolve(backend, x.device)
+    if resolved == "eager" or "depthwise_bn" not in backends.KERNEL_OPS[resolved] \
+            or reference.memory_format_of(x) == torch.channels_last:
+        return bn(conv(x))
+    return ops.depthwise_bn(x, conv.weight, bn, conv.stride[0], training=bn.training, backend=resolved)
+
+
+class DepthwiseBNSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose (depthwise convolution, BatchNorm) pairs run as one op (:func:`depthwise_bn`),
+    such as GhostNetV2's shortcut ``Sequential(dwconv, BN, conv1x1, BN)``. Same children, so the same state dict.
+    ``[N, C, H, W] -> `` whatever the layers give."""
+
+    @classmethod
+    def from_module(cls, module: nn.Sequential, backend: str = "auto") -> "DepthwiseBNSequential":
+        """A fused Sequential sharing ``module``'s children; ValueError when it holds no pair to fuse."""
+        fused = cls(*module._modules.values())
+        fused.training = module.training
+        fused.backend = backends.check_name(backend)
+        layers = list(module._modules.values())
+        fused.pairs = tuple(i for i in range(len(layers) - 1) if depthwise_bn_reason(layers[i], layers[i + 1]) is None)
+        if not fused.pairs:
+            raise ValueError("the Sequential holds no (depthwise convolution, BatchNorm) pair")
+        return fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        layers = list(self._modules.values())
+        i = 0
+        while i < len(layers):
+            if i in self.pairs:
+                x = depthwise_bn(layers[i], layers[i + 1], x, self.backend)
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
+
+    def extra_repr(self) -> str:
+        return f"pairs={self.pairs}, backend={self.backend!r}"
+
+
 class GhostBottleneckV2(reference.GhostBottleneckV2):
-    """:class:`ghostfused.reference.GhostBottleneckV2` whose two Ghost modules are fused (``backend`` as above)."""
+    """:class:`ghostfused.reference.GhostBottleneckV2` with its layers fused (``backend`` as above): the two Ghost
+    modules, the strided depthwise convolution and its BatchNorm (``conv_dw``, ``bn_dw``: :func:`depthwise_bn`) and
+    the shortcut's (a :class:`DepthwiseBNSequential`). Same attributes and state dict."""
 
     ghost_module = GhostModuleV2
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.ghost1.backend = self.ghost2.backend = backends.check_name(backend)
+        self.backend = backends.check_name(backend)
+        self.ghost1.backend = self.ghost2.backend = self.backend
+        if len(self.shortcut) > 0:
+            self.shortcut = DepthwiseBNSequential.from_module(self.shortcut, self.backend)
+
+    @classmethod
+    def from_module(cls, module: reference.GhostBottleneckV2, backend: str = "auto") -> "GhostBottleneckV2":
+        """A fused bottleneck sharing ``module``'s submodules (its Ghost modules and shortcut as they are: ``convert``
+        fuses those)."""
+        fused = cls.__new__(cls)
+        fused.__dict__.update(module.__dict__)  # attributes (stride, se = None), hooks and mode
+        fused._modules = dict(module._modules)  # own containers, shared children
+        fused._parameters, fused._buffers = dict(module._parameters), dict(module._buffers)
+        fused.backend = backends.check_name(backend)
+        return fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = x
+        x = self.ghost1(x)
+        if self.stride > 1 and depthwise_bn_reason(self.conv_dw, self.bn_dw) is None:
+            x = depthwise_bn(self.conv_dw, self.bn_dw, x, self.backend)
+        elif self.stride > 1:
+            x = self.bn_dw(self.conv_dw(x))
+        if self.se is not None:
+            x = self.se(x)
+        x = self.ghost2(x)
+        return x + self.shortcut(residual)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

@@ -5,8 +5,8 @@ Two halves:
 * Modules (``GhostModuleV2``, ``SqueezeExcite``, ``ConvBnAct``, ``GhostBottleneckV2``, ``GhostNetV2``) with the
   official attribute names, so their state dicts use the official key layout
   (``blocks.2.0.ghost1.short_conv.2.weight``).
-* Functional forms of the three fused operations (``ghost_concat``, ``dfc_attention``, ``ghost_attn``) with the same
-  arguments as the ``ghostfused::`` ops. They are the ``eager`` backend, and every other backend is tested against them.
+* Functional forms of the fused operations (``ghost_concat``, ``dfc_attention``, ``ghost_attn``, and
+  ``depthwise_bn`` for the bottleneck's strided depthwise layers) with the same arguments as the ``ghostfused::`` ops. They are the ``eager`` backend, and every other backend is tested against them.
 
 BatchNorm arguments of the functional forms come as lists, one entry per BatchNorm in the order the operation applies
 them: ``bn_weight``, ``bn_bias`` (affine parameters), ``bn_mean``, ``bn_var`` (running statistics, used in eval mode
@@ -372,3 +372,19 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, cheap_weight: Tensor, conv_wei
                                                  bn_bias[2:], bn_mean[2:], bn_var[2:], bn_eps[2:],
                                                  out.shape[-2:], upsample, training, sync_group)
     return _dense(out * gate, x), torch.cat(means + gate_means), torch.cat(variances + gate_variances)
+
+
+def depthwise_bn(x: Tensor, weight: Tensor, bn_weight: Sequence[Tensor], bn_bias: Sequence[Tensor],
+                 bn_mean: Sequence[Tensor], bn_var: Sequence[Tensor], bn_eps: Sequence[float], stride: int,
+                 training: bool, sync_group: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A depthwise convolution and the BatchNorm after it: ``BN(dwconv(x, weight, stride, padding=k // 2))``, the
+    bottleneck's ``bn_dw(conv_dw(x))`` and the first two layers of its shortcut.
+
+    x: [N, C, H, W]; weight: [C, 1, k, k] (k odd, groups=C, no bias). BatchNorm lists hold one entry. Returns
+    ``out`` [N, C, (H - 1) // stride + 1, (W - 1) // stride + 1] in x's dtype, laid out like x, and the statistics
+    ``[C]``.
+    """
+    k = weight.shape[-1]
+    z = F.conv2d(x, weight, stride=stride, padding=k // 2, groups=x.shape[1])
+    out, mean, var = _batch_norm(z, bn_weight[0], bn_bias[0], bn_mean[0], bn_var[0], bn_eps[0], training, sync_group)
+    return _dense(out, x), mean.clone(), var.clone()  # eval's statistics are the inputs, which an op may not return

@@ -88,13 +88,13 @@ def check_momentum(bn: BatchNorm, name: str) -> None:
         raise ValueError(f"{name}.momentum must be in [0, 1] or None, got {bn.momentum}")
 
 
-def check_grad_out(grad_out, x: Tensor, channels: int) -> None:
-    """A backward's ``grad_out``: ``[N, channels, H, W]`` with x's N, H, W, dtype and device."""
+def check_grad_out(grad_out, x: Tensor, expected: Sequence[int]) -> None:
+    """A backward's ``grad_out``: of the output's shape ``expected``, with x's dtype and device."""
     check_input(grad_out, "grad_out")
     _check_device(grad_out, "grad_out", x)
     if grad_out.dtype != x.dtype:
         raise TypeError(f"grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
-    expected = (x.shape[0], channels, x.shape[2], x.shape[3])
+    expected = tuple(expected)
     if tuple(grad_out.shape) != expected:
         raise ValueError(f"grad_out must have shape {expected}, got {tuple(grad_out.shape)}")
 
@@ -157,3 +157,20 @@ def check_ghost_weights(primary_weight, cheap_weight, x: Tensor) -> tuple[int, i
 def check_upsample(upsample) -> None:
     if upsample not in ("nearest", "bilinear"):
         raise ValueError(f"upsample must be 'nearest' or 'bilinear', got {upsample!r}")
+
+
+def check_depthwise_weight(weight, x: Tensor) -> int:
+    """A depthwise convolution's weight ``[C, 1, k, k]`` (k odd) for x of C channels; returns k."""
+    check_tensor(weight, "weight")
+    k = weight.shape[-1] if weight.dim() == 4 else -1
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"weight must have shape [C, 1, k, k] with k odd, got {tuple(weight.shape)}")
+    check_weight(weight, "weight", (x.shape[1], 1, k, k), x)
+    return k
+
+
+def check_stride(stride) -> None:
+    if not isinstance(stride, int) or isinstance(stride, bool):
+        raise TypeError(f"stride must be an int, got {type(stride).__name__}")
+    if stride < 1:
+        raise ValueError(f"stride must be positive, got {stride}")

@@ -57,7 +57,7 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
     differentiable; fake_output(*args without backend) -> (out, stats_channels, primary_numel) gives the output's
     fake tensor, the length of the packed statistics and the size of the primary convolution's output (0 without
     one); check_arguments(*args without backend) validates them (ValueError / TypeError naming the argument) and
-    returns the output's channel count. Returns the forward op.
+    returns the output's shape. Returns the forward op.
     """
     names = [argument.split()[-1] for argument in arguments.split(",")]
 

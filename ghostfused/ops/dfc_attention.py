@@ -43,9 +43,9 @@ BN_NAMES = ("conv_bn", "horizontal_bn", "vertical_bn")
 
 
 def check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight, bn_weight, bn_bias, bn_mean, bn_var,
-                    bn_eps, upsample, training, sync_group, bn_names=None) -> int:
+                    bn_eps, upsample, training, sync_group, bn_names=None) -> tuple[int, int, int, int]:
     """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
-    output's channel count."""
+    output's shape."""
     checks.check_input(x)
     checks.check_attn_size(x)
     checks.check_tensor(conv_weight, "conv_weight")
@@ -58,7 +58,7 @@ def check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight
     checks.check_batch_norms(x, (channels,) * 3, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
     checks.check_training_count(x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2), "x (after 2x2 pooling)",
                                 training and sync_group is None)
-    return channels
+    return (x.shape[0], channels, x.shape[2], x.shape[3])
 
 
 dfc_attention_op = define_fused_op("dfc_attention", ARGUMENTS, num_tensors=5, fake_output=_fake_output,

@@ -29,9 +29,9 @@ def _fake_output(x, primary_weight, cheap_weight, conv_weight, horizontal_weight
 
 def check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight, bn_weight,
                     bn_bias, bn_mean, bn_var, bn_eps, oup, relu, upsample, training, sync_group,
-                    bn_names=None) -> int:
+                    bn_names=None) -> tuple[int, int, int, int]:
     """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
-    output's channel count."""
+    output's shape."""
     checks.check_input(x)
     checks.check_attn_size(x)
     init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
@@ -41,7 +41,7 @@ def check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_wei
     checks.check_batch_norms(x, (init, new, oup, oup, oup), bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
     checks.check_training_count(x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2), "x (after 2x2 pooling)",
                                 training and sync_group is None)
-    return oup
+    return (x.shape[0], oup, x.shape[2], x.shape[3])
 
 
 ghost_attn_op = define_fused_op("ghost_attn", ARGUMENTS, num_tensors=6, fake_output=_fake_output,

@@ -28,15 +28,15 @@ BN_NAMES = ("primary_bn", "cheap_bn")
 
 
 def check_arguments(x, primary_weight, cheap_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, oup, relu, training,
-                    sync_group, bn_names=None) -> int:
+                    sync_group, bn_names=None) -> tuple[int, int, int, int]:
     """Validate the op's arguments (SPEC section 5; ``bn_names`` as in ``checks.check_batch_norms``); returns the
-    output's channel count."""
+    output's shape."""
     checks.check_input(x)
     init, new = checks.check_ghost_weights(primary_weight, cheap_weight, x)
     checks.check_oup(oup, init, new)
     checks.check_batch_norms(x, (init, new), bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_names)
     checks.check_training_count(x.shape[0] * x.shape[2] * x.shape[3], "x", training and sync_group is None)
-    return oup
+    return (x.shape[0], oup, x.shape[2], x.shape[3])
 
 
 ghost_concat_op = define_fused_op("ghost_concat", ARGUMENTS, num_tensors=3, fake_output=_fake_output,

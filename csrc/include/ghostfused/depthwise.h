@@ -31,6 +31,19 @@ GF_INLINE TapRange tap_outputs(int t, int64_t size, int k) {
   return {static_cast<int>(lo), static_cast<int>(hi > lo ? hi : lo)};
 }
 
+// A strided depthwise convolution (odd k, zero padding k / 2, stride s): output i of a length-size axis reads the
+// padded positions u = i * s + t (t = 0 .. k - 1), where padded position u holds input u - k / 2 (zero outside).
+GF_INLINE int64_t strided_output_size(int64_t size, int k, int64_t stride) {
+  return (size + 2 * depthwise_padding(k) - k) / stride + 1;
+}
+
+// The CPU kernels store each padded row split into its s stride phases, phase p holding positions u = q * s + p at
+// index q, so that tap t of outputs i = 0, 1, ... reads one contiguous run: phase t % s from index i + t / s.
+// Each phase holds this many positions:
+GF_INLINE int64_t stride_phase_span(int64_t size, int k, int64_t stride) {
+  return (size + 2 * depthwise_padding(k) + stride - 1) / stride;
+}
+
 // One output element (i, j) of the depthwise convolution of a [height, width] plane: load(r, c) reads the
 // plane, tap(a * kw + b) the kernel (both as Acc). Out-of-range taps are skipped (the zero padding).
 template <typename Acc, typename Load, typename Tap>

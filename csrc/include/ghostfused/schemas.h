@@ -15,3 +15,7 @@
   "Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor conv_weight, Tensor horizontal_weight, " \
   "Tensor vertical_weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, "  \
   "float[] bn_eps, int oup, bool relu, str upsample, bool training, str? sync_group"
+
+#define GHOSTFUSED_DEPTHWISE_BN_ARGS                                                                   \
+  "Tensor x, Tensor weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, " \
+  "float[] bn_eps, int stride, bool training, str? sync_group"

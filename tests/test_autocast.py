@@ -41,7 +41,9 @@ def _assert_matches_eager(model, fused, device_type, dtype, steps=2, scale=1.0, 
         assert actual.dtype == expected.dtype == dtype
         assert actual_dx.dtype == torch.float32
         assert_close(actual.float(), expected.float(), dtype, "output", scale)
-        assert_close(actual_dx, expected_dx, dtype, "input gradient", scale)
+        # The input gradient sums products of low-precision terms too (eager's rounding depends on the CPU: without
+        # AVX-512 BF16, oneDNN rounds differently): compare relative to its size, as the weight gradients below.
+        assert_close(actual_dx, expected_dx, dtype, "input gradient", scale * max(1.0, expected_dx.abs().max().item()))
     ref_params = dict(model.named_parameters())
     for name, param in fused.named_parameters():
         assert param.dtype == param.grad.dtype == torch.float32, name

@@ -65,6 +65,15 @@ def run_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return out.detach(), x.grad
 
 
+def assert_step_matches(reference_module: nn.Module, fused: nn.Module, x: torch.Tensor, grad: torch.Tensor,
+                        dtype=torch.float64):
+    """One forward and backward of each module: outputs and input gradients agree."""
+    expected, expected_dx = run_step(reference_module, x, grad)
+    actual, actual_dx = run_step(fused, x, grad)
+    assert_close(actual, expected, dtype, "output")
+    assert_close(actual_dx, expected_dx, dtype, "input gradient")
+
+
 def _bn_lists(channels, dtype, device):
     """bn_weight, bn_bias, bn_mean, bn_var, bn_eps lists with non-trivial values, one BN per entry of channels."""
     lists = [[], [], [], [], []]

@@ -20,7 +20,7 @@ from ghostfused.ops.batch_norm import BatchNorm
 from ghostfused.ops.depthwise_bn import depthwise_bn_op
 from ghostfused.testing import randomize_batch_norms
 
-from helpers import assert_close, assert_modules_match, cpu_backends, run_step
+from helpers import assert_close, assert_modules_match, assert_step_matches, cpu_backends, run_step
 
 BACKENDS = cpu_backends()
 KERNEL_BACKENDS = [b for b in BACKENDS if b == "cpu"]
@@ -195,10 +195,7 @@ def test_converted_bottleneck_matches_reference(backend, training):
     assert model_fused.state_dict().keys() == model_eager.state_dict().keys()
     x = torch.randn(2, 8, 11, 9, dtype=torch.float64)
     grad = torch.randn(2, 12, 6, 5, dtype=torch.float64)
-    expected, expected_dx = run_step(model_eager, x, grad)
-    actual, actual_dx = run_step(model_fused, x, grad)
-    assert_close(actual, expected, torch.float64, "output")
-    assert_close(actual_dx, expected_dx, torch.float64, "input gradient")
+    assert_step_matches(model_eager, model_fused, x, grad)
     assert_modules_match(model_eager, model_fused, torch.float64)
 
 

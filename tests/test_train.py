@@ -58,6 +58,20 @@ def eager_free_running(device: str) -> tuple[list[float], dict]:
     return free_running_losses(model, device, torch.float64), copy.deepcopy(dict(model.named_buffers()))
 
 
+@functools.cache
+def eager_rounding_spread(device: str) -> tuple[list[float], dict]:
+    """Eager's float64 trajectory from initial weights perturbed at rounding level (1e-14 relative). Twenty
+    momentum-SGD steps of this small model amplify rounding chaotically late in the run (eager against itself: 0 up
+    to step 15, 4e-3 relative in the loss at step 19 on a Zen 3 CPU), so no implementation can follow eager closer
+    than that there; the comparisons below allow 10x this spread beside their fixed tolerances."""
+    model = initial_model(device, torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-14 * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device))
+    return free_running_losses(model, device, torch.float64), copy.deepcopy(dict(model.named_buffers()))
+
+
 def sgd_step(model, device: str, images, targets) -> tuple[float, torch.Tensor]:
     """One plain SGD step; returns the loss and the flattened gradient."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -88,11 +102,21 @@ def assert_same_training(backend: str, device: str):
     from eager's weights gives eager's loss (1e-4 relative), gradient (5e-3 relative norm) and running
     statistics."""
     expected_losses, expected_buffers = eager_free_running(device)
+    spread_losses, spread_buffers = eager_rounding_spread(device)
     fused = ghostfused.convert(initial_model(device, torch.float64), backend=backend)
     losses = free_running_losses(fused, device, torch.float64)
-    for step, (actual, expected) in enumerate(zip(losses, expected_losses)):
-        assert abs(actual - expected) <= 1e-4 * abs(expected), f"float64 step {step}: {actual} vs eager {expected}"
-    assert_buffers_close(dict(fused.named_buffers()), expected_buffers, "float64 after 20 steps", 1e-3, 1e-4)
+    spread = 0.0
+    for step, (actual, expected, perturbed) in enumerate(zip(losses, expected_losses, spread_losses)):
+        spread = max(spread, abs(perturbed - expected))
+        assert abs(actual - expected) <= max(1e-4 * abs(expected), 10 * spread), \
+            f"float64 step {step}: {actual} vs eager {expected} (eager's own rounding spread {spread:.2g})"
+    for name, buffer in dict(fused.named_buffers()).items():
+        expected = expected_buffers[name]
+        if not buffer.is_floating_point():
+            assert torch.equal(buffer, expected), name
+            continue
+        bound = 1e-4 + 1e-3 * expected.abs() + 10 * (spread_buffers[name] - expected).abs().max()
+        assert ((buffer - expected).abs() <= bound).all(), f"float64 after 20 steps {name}"
 
     fused = ghostfused.convert(initial_model(device, torch.float32), backend=backend)
     for step, ((state, expected_loss, expected_grad, expected_buffers), (images, targets)) in enumerate(

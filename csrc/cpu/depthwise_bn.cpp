@@ -11,8 +11,8 @@
 // eval:  one pass, the BatchNorm folded into the taps.
 // train: the convolution with per-plane moments, then the group's (or batch's) statistics, then one normalising
 //        pass over the (quarter-size at stride 2) output.
-// backward: the convolution is recomputed from x (k * k FMAs an element) instead of being saved: one pass for the
-//        BatchNorm's gradient sums, one for the input and weight gradients.
+// backward: the convolution is recomputed from x (k * k FMAs an element) instead of being saved by the forward:
+//        one pass for it and the BatchNorm's gradient sums, one for the input and weight gradients.
 #include <torch/library.h>
 
 #include "common.h"
@@ -70,12 +70,12 @@ struct PhasedPlane {
   }
 
   // The inverse of load: plane[i * width + j] from the phases (padding positions dropped).
-  void store(T* plane) const {
+  void store(T* plane) {
     for (int64_t i = 0; i < height; ++i)
       for (int64_t r = 0; r < stride; ++r) {
         const auto [q0, q1] = columns[r];
         T* dst = plane + i * width + r - pad;
-        const T* src = const_cast<PhasedPlane*>(this)->row(i, r);
+        const T* src = row(i, r);
         for (int64_t q = q0; q < q1; ++q) dst[q * stride] = src[q];
       }
   }
@@ -206,14 +206,54 @@ struct PlaneScratch {
     }
   }
 
-  // taps_grad[k * k] += the weight gradient of convolve for the flat output gradient grad_out() (margins skipped,
-  // so that a non-finite input read only by a margin does not reach it).
+  // taps_grad[k * k] += the weight gradient of convolve for the flat output gradient grad_out(): one pass over the
+  // plane per group of up to kDotGroup taps, each summed per vector lane in T, then in double (a fixed order).
+  // Margins are skipped by a select, so that a non-finite input read only by a margin does not reach the sums.
   void add_weight_grad(double* taps_grad) const {
+    for (size_t t0 = 0; t0 < sources.size(); t0 += kDotGroup) {
+      const int group = static_cast<int>(std::min<size_t>(kDotGroup, sources.size() - t0));
+      T sums[kDotGroup] = {};
+      switch (group) {
+        case 1: dot_taps<1>(sources.data() + t0, sums); break;
+        case 2: dot_taps<2>(sources.data() + t0, sums); break;
+        case 3: dot_taps<3>(sources.data() + t0, sums); break;
+        case 4: dot_taps<4>(sources.data() + t0, sums); break;
+        case 5: dot_taps<5>(sources.data() + t0, sums); break;
+        case 6: dot_taps<6>(sources.data() + t0, sums); break;
+        case 7: dot_taps<7>(sources.data() + t0, sums); break;
+        case 8: dot_taps<8>(sources.data() + t0, sums); break;
+        default: dot_taps<9>(sources.data() + t0, sums); break;
+      }
+      for (int t = 0; t < group; ++t) taps_grad[t0 + t] += static_cast<double>(sums[t]);
+    }
+  }
+
+ private:
+  static constexpr int kDotGroup = 9;  // accumulators that stay in registers beside their operands (a 3x3 kernel)
+
+  // sums[t] = sum over flat outputs q (margins skipped) of grad_out()[q] * src[t][q], per vector lane in T: the lanes'
+  // partial sums are explicit, so that the compiler keeps each tap's in one register.
+  template <int N>
+  void dot_taps(const T* const* src, T* sums) const {
+    constexpr int64_t lanes = 8;
+    static_assert(kVector % lanes == 0, "flat is a multiple of kVector");
     const uint8_t* margin = in_margin.data();
     const T* g = grad_out();
-    for (size_t t = 0; t < sources.size(); ++t) {
-      const T* src = sources[t];
-      taps_grad[t] += blocked_sum<T>(0, flat, [&](int64_t q) { return margin[q] ? T(0) : g[q] * src[q]; });
+    const T* s[N];
+    for (int t = 0; t < N; ++t) s[t] = src[t];
+    T acc[N][lanes] = {};
+    for (int64_t q0 = 0; q0 < flat; q0 += lanes) {
+#pragma GCC unroll 9
+      for (int t = 0; t < N; ++t) {
+        const T* st = s[t] + q0;
+#pragma omp simd
+        for (int64_t l = 0; l < lanes; ++l) acc[t][l] += margin[q0 + l] ? T(0) : g[q0 + l] * st[l];
+      }
+    }
+    for (int t = 0; t < N; ++t) {
+      T sum = T(0);
+      for (int64_t l = 0; l < lanes; ++l) sum += acc[t][l];
+      sums[t] = sum;
     }
   }
 };
@@ -289,20 +329,17 @@ DepthwiseGrads backward(const at::Tensor& x, const at::Tensor& weight, const T* 
   const T* taps = weight.const_data_ptr<T>();
   // The BatchNorm's sums over its input z (the convolution, recomputed): sum dy and sum dy (z - mean), per output
   // row in T, accumulated in double in a fixed order.
+  // z is kept (the output's size: a quarter of x's at stride 2) for the second pass.
   std::vector<GradSums> partials(planes);
+  std::vector<T> z_all(planes * out_size);
   for_each_plane<T>(xd, s, [&](int64_t plane, int64_t c, PlaneScratch<T>& scratch) {
-    const T* z = scratch.z.data();
+    T* z = z_all.data() + plane * out_size;
     scratch.convolve(taps + c * taps_per_channel, T(0), scratch.z.data());
+    compact(scratch.z.data(), scratch.in.cols, s, z, [](T v) { return v; });
     const T* g = grad + plane * out_size;
     const T mean = static_cast<T>(bn.mean[c]);
-    GradSums sums{0, 0};
-    for (int64_t oi = 0; oi < s.out_h; ++oi) {
-      const T* gr = g + oi * s.out_w;
-      const T* zr = z + oi * scratch.in.cols;
-      sums = sums + GradSums{blocked_sum<T>(0, s.out_w, [&](int64_t j) { return gr[j]; }),
-                             blocked_sum<T>(0, s.out_w, [&](int64_t j) { return gr[j] * (zr[j] - mean); })};
-    }
-    partials[plane] = sums;
+    partials[plane] = {blocked_sum<T>(0, out_size, [&](int64_t q) { return g[q]; }),
+                       blocked_sum<T>(0, out_size, [&](int64_t q) { return g[q] * (z[q] - mean); })};
   });
   const std::vector<GradSums> sums = combine_planes(partials, s.batch, s.channels);
   DepthwiseGrads grads;
@@ -317,14 +354,13 @@ DepthwiseGrads backward(const at::Tensor& x, const at::Tensor& weight, const T* 
   for_each_plane<T>(xd, s, [&](int64_t plane, int64_t c, PlaneScratch<T>& scratch) {
     const T* w = taps + c * taps_per_channel;
     const int64_t cols = scratch.in.cols;
-    T* z = scratch.z.data();
+    const T* z = z_all.data() + plane * out_size;
     T* dz = scratch.grad_out();
     const T* g = grad + plane * out_size;
     const BatchNormGrad<T> k = coef[c];
-    if (training) scratch.convolve(w, T(0), z);
     for (int64_t oi = 0; oi < s.out_h; ++oi) {
       const T* gr = g + oi * s.out_w;
-      const T* zr = z + oi * cols;
+      const T* zr = z + oi * s.out_w;
       T* d = dz + oi * cols;
       if (training) {
 #pragma omp simd

@@ -8,7 +8,8 @@ call by call, and the table shows medians and their ratio:
 * dfc_attention: features * upsample(sigmoid(short_conv(avg_pool(x))));
 * ghost_attn: the whole 'attn' module.
 
-``--depthwise`` times ``ops.depthwise_bn`` against eager Conv2d + BatchNorm2d on the model's nine depthwise pairs.
+``--depthwise`` times ``ops.depthwise_bn`` against eager Conv2d + BatchNorm2d on the model's nine depthwise pairs, then
+the fused model with and without them fused.
 ``--overhead`` also times, at batch 1 in eval, the public op (validation + custom-op dispatch + autograd wrapper)
 against the raw ``torch.ops.ghostfused_C.<op>_forward`` kernel, to show the cost of the Python path.
 ``--model`` adds ghostnetv2_100 inference (batch 1 and 8) and a training step (batch 8: forward, backward, SGD):
@@ -169,6 +170,46 @@ def depthwise_table(batches, repeats) -> list[str]:
             lines.append(f"{'':<12} {mode:<5} {batch:>2} {'all 9 pairs of the model':>24} "
                          f"{total['eager'] * 1e3:>9.3f} {total['cpu'] * 1e3:>8.3f} "
                          f"{total['eager'] / total['cpu']:>7.2f}x")
+    return lines + depthwise_model_table(repeats)
+
+
+def depthwise_model_table(repeats) -> list[str]:
+    """The fused ghostnetv2_100 (cpu backend) with its depthwise pairs fused against the same model computing them
+    with the layers (the bottlenecks' and shortcuts' backend set to eager), interleaved: what the op is worth in the
+    model, where its inputs arrive from the kernels before it."""
+    fused = randomize_batch_norms(ghostnetv2(1.0, backend="cpu"))
+    layers = copy.deepcopy(fused)
+    for module in layers.modules():
+        if isinstance(module, (ghostfused.nn.GhostBottleneckV2, ghostfused.nn.DepthwiseBNSequential)):
+            module.backend = "eager"
+    lines = [f"{'model (cpu backend)':<22} {'pairs fused ms':>15} {'layers ms':>10} {'speedup':>8}"]
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224)
+
+        def infer(model):
+            def run():
+                with torch.no_grad():
+                    model.eval()(x)
+            return run
+
+        t = side_by_side({"fused": infer(fused), "layers": infer(layers)}, repeats)
+        lines.append(f"{f'inference batch {batch}':<22} {t['fused'] * 1e3:>15.2f} {t['layers'] * 1e3:>10.2f} "
+                     f"{t['layers'] / t['fused']:>7.2f}x")
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+
+    def train(model):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def run():
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return run
+
+    t = side_by_side({"fused": train(fused), "layers": train(layers)}, max(5, repeats // 2))
+    lines.append(f"{'training step batch 8':<22} {t['fused'] * 1e3:>15.2f} {t['layers'] * 1e3:>10.2f} "
+                 f"{t['layers'] / t['fused']:>7.2f}x")
     return lines
 
 

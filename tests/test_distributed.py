@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ghostfused
@@ -210,10 +211,43 @@ def _sync_dfc_attention(rank: int, device: torch.device, backend: str, batch_siz
                                      weights[2], reference_bns[2], training=True, backend=backend)
 
 
+def _sync_depthwise_bn(rank: int, device: torch.device, backend: str, batch_sizes=BATCH_SIZES):
+    """``ops.depthwise_bn`` (stride 2) with a synchronising SyncBatchNorm, NCHW (the cpu kernel's SyncGroup path):
+    the eager layers on the global batch; an empty process takes part too."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, 2, 1, groups=4, bias=False).to(DTYPE).to(device)
+    bn = randomize_batch_norms(nn.Sequential(nn.BatchNorm2d(4)))[0].to(DTYPE).to(device)
+    sync_bn = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(bn))
+    generator = torch.Generator().manual_seed(7)
+    xs = [torch.randn(n, 4, 7, 6, dtype=DTYPE, generator=generator).to(device) for n in batch_sizes]
+    grads = [torch.randn(n, 4, 4, 3, dtype=DTYPE, generator=generator).to(device) for n in batch_sizes]
+    x = torch.cat(xs).requires_grad_()
+    weight = conv.weight.detach().clone().requires_grad_()
+    expected = bn(F.conv2d(x, weight, stride=2, padding=1, groups=4))
+    expected.backward(torch.cat(grads))
+    x_local = xs[rank].clone().requires_grad_()
+    weight_local = conv.weight.detach().clone().requires_grad_()
+    actual = ghostfused.ops.depthwise_bn(x_local, weight_local, sync_bn, 2, training=True, backend=backend)
+    actual.backward(grads[rank])
+    begin = sum(batch_sizes[:rank])
+    shard = slice(begin, begin + batch_sizes[rank])
+    assert_close(actual.detach(), expected.detach()[shard], DTYPE, f"rank {rank}: depthwise_bn output")
+    assert_close(x_local.grad, x.grad[shard], DTYPE, f"rank {rank}: depthwise_bn x gradient")
+    for param in (weight_local, sync_bn.weight, sync_bn.bias):  # local gradients sum to the global batch's
+        dist.all_reduce(param.grad)
+    assert_close(weight_local.grad, weight.grad, DTYPE, f"rank {rank}: depthwise_bn weight gradient")
+    assert_close(sync_bn.weight.grad, bn.weight.grad, DTYPE, f"rank {rank}: BatchNorm weight gradient")
+    assert_close(sync_bn.bias.grad, bn.bias.grad, DTYPE, f"rank {rank}: BatchNorm bias gradient")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(sync_bn, name).to(DTYPE), getattr(bn, name).to(DTYPE), DTYPE, f"rank {rank}: {name}")
+
+
 SCENARIOS = {"ddp_batch_norm": _ddp_batch_norm, "sync_batch_norm": _sync_batch_norm,
              "sync_batch_norm_empty_process": lambda rank, device, backend: _sync_batch_norm(rank, device, backend,
                                                                                             EMPTY_PROCESS),
-             "sync_dfc_attention": _sync_dfc_attention,
+             "sync_dfc_attention": _sync_dfc_attention, "sync_depthwise_bn": _sync_depthwise_bn,
+             "sync_depthwise_bn_empty_process": lambda rank, device, backend: _sync_depthwise_bn(rank, device, backend,
+                                                                                                EMPTY_PROCESS),
              "ddp_sync_batch_norm": lambda rank, device, backend: _ddp_batch_norm(rank, device, backend, sync=True)}
 
 
@@ -223,7 +257,8 @@ def test_ddp_with_batch_norm_matches_eager_ddp(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("scenario", ["sync_batch_norm", "sync_batch_norm_empty_process", "sync_dfc_attention"])
+@pytest.mark.parametrize("scenario", ["sync_batch_norm", "sync_batch_norm_empty_process", "sync_dfc_attention",
+                                      "sync_depthwise_bn", "sync_depthwise_bn_empty_process"])
 def test_sync_batch_norm_matches_the_global_batch(scenario, backend):
     _spawn(scenario, backend=backend)
 

@@ -437,7 +437,9 @@ def main():
     clock = "process CPU time" if args.cpu_time else "wall time"
     env = environment(torch.device("cpu"))
     print(f"# {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, ghostfused "
-          f"{env['ghostfused']} (commit {(env['git_commit'] or 'unknown')[:7]}), {env['cpu']} ({env['cpu_count']} "
+          f"{env['ghostfused']} (commit {(env['git_commit'] or 'unknown')[:7]}"
+          f"{', uncommitted changes to ' + ', '.join(env['uncommitted_code']) if env['uncommitted_code'] else ''}), "
+          f"{env['cpu']} ({env['cpu_count']} "
           f"vCPUs), load {env['load_average']}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, medians of {args.repeats} "
           f"interleaved runs ({clock}); allocator environment: "

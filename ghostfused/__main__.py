@@ -99,6 +99,9 @@ def bench(args: argparse.Namespace, command: str) -> int:
     log(f"ghostfused {__version__}, torch {torch.__version__}, triton {environment['triton']}; "
         f"{environment['device_name']}, {environment['threads']} threads; {started.isoformat(timespec='seconds')}")
     log(f"allocator environment: {environment['allocator_environment'] or 'none (glibc malloc defaults)'}")
+    changes = environment["uncommitted_code"]
+    log(f"commit {environment['git_commit'] or 'unknown'}"
+        + (f", with uncommitted changes to {', '.join(changes)}" if changes else ""))
     for name in backends.BACKENDS:
         reason = backends.unavailable_reason(name)
         log(f"  backend {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")

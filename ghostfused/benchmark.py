@@ -567,13 +567,25 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
                               cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    commit = _git("rev-parse", "HEAD")
+    return None if commit is None else commit.strip()
+
+
+def _code_changes() -> list[str] | None:
+    """Files of the package's source (ghostfused/, csrc/) that differ from the commit: figures measured with them
+    are not the commit's."""
+    changed = _git("status", "--porcelain", "--", ":/ghostfused", ":/csrc", ":/setup.py")
+    return None if changed is None else [line[3:] for line in changed.splitlines()]
 
 
 def load_average() -> list[float] | None:
@@ -597,7 +609,8 @@ def environment(device: torch.device) -> dict:
             "load_average": load_average(), "platform": platform.platform(),
             "allocator_environment": allocator_environment(),
             "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
-            "ghostfused": __version__, "git_commit": _git_commit(), "cuda": torch.version.cuda,
+            "ghostfused": __version__, "git_commit": _git_commit(), "uncommitted_code": _code_changes(),
+            "cuda": torch.version.cuda,
             "available_backends": backends.available_backends(),
             "unavailable_backends": {name: backends.unavailable_reason(name) for name in backends.BACKENDS
                                      if backends.unavailable_reason(name) is not None}}

@@ -39,8 +39,11 @@ def test_bench_command_writes_json_log_and_chart(tmp_path):
     report = json.loads((output / "bench.json").read_text())
     assert report["command"].startswith("python -m ghostfused bench --device cpu")
     environment = report["environment"]
-    for key in ("device_name", "torch", "triton", "ghostfused", "threads", "available_backends", "load_average"):
+    for key in ("device_name", "torch", "triton", "ghostfused", "threads", "available_backends", "load_average",
+                "git_commit", "uncommitted_code"):
         assert key in environment, key
+    # In a checkout, the package's uncommitted source files are listed (a list, empty when clean).
+    assert environment["git_commit"] is None or isinstance(environment["uncommitted_code"], list)
     assert report["timestamp"] and report["config"]["batch_sizes"] == [1, 2] and not report["failures"]
     names = ["eager", "eager-ops"] + fused_cpu_backends()[1:]
     rows = {(r["provider"], r["phase"], r["batch_size"]): r for r in report["results"]}

@@ -63,6 +63,17 @@ def side_by_side(calls: dict, repeats: int, warmup: int = 2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def training_step(model, x, target):
+    """One SGD step of ``model`` on ``(x, target)`` as a callable: forward, cross-entropy, backward, update."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def run():
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return run
+
+
 def op_calls(op: str, cin: int, oup: int, size: int, batch: int, training: bool):
     """(eager, fused) callables of one op at one shape."""
     mode = "attn" if op != "ghost_concat" else "original"
@@ -195,19 +206,9 @@ def depthwise_model_table(repeats) -> list[str]:
         t = side_by_side({"fused": infer(fused), "layers": infer(layers)}, repeats)
         lines.append(f"{f'inference batch {batch}':<22} {t['fused'] * 1e3:>15.2f} {t['layers'] * 1e3:>10.2f} "
                      f"{t['layers'] / t['fused']:>7.2f}x")
-    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-
-    def train(model):
-        model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-        def run():
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        return run
-
-    t = side_by_side({"fused": train(fused), "layers": train(layers)}, max(5, repeats // 2))
+    x, target = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+    t = side_by_side({"fused": training_step(fused.train(), x, target),
+                      "layers": training_step(layers.train(), x, target)}, max(5, repeats // 2))
     lines.append(f"{'training step batch 8':<22} {t['fused'] * 1e3:>15.2f} {t['layers'] * 1e3:>10.2f} "
                  f"{t['layers'] / t['fused']:>7.2f}x")
     return lines
@@ -307,20 +308,11 @@ def model_table(repeats) -> list[str]:
     x = torch.randn(8, 3, 224, 224)
     target = torch.randint(0, 1000, (8,))
 
-    def train(model, inp):
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-        def run():
-            optimizer.zero_grad()
-            F.cross_entropy(model(inp), target).backward()
-            optimizer.step()
-        return run
-
     for model in (eager, eager_cl, fused, fused_cl):
         model.train()
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    calls = {"eager": train(eager, x), "eager-cl": train(eager_cl, x_cl), "cpu": train(fused, x),
-             "cpu-cl": train(fused_cl, x_cl)}
+    calls = {"eager": training_step(eager, x, target), "eager-cl": training_step(eager_cl, x_cl, target),
+             "cpu": training_step(fused, x, target), "cpu-cl": training_step(fused_cl, x_cl, target)}
     lines.append(row("training step batch 8", side_by_side(calls, max(3, repeats // 2))))
     return lines
 

@@ -3,9 +3,9 @@
 // compute them. PyTorch's NCHW depthwise convolution is slow on CPUs, its backward most of all (see
 // ghostfused/ops/depthwise_bn.py for the measurements), and these layers run at the widest resolutions.
 //
-// Dense NCHW, one [H, W] plane per task. Each input row is stored split into its stride phases
-// (ghostfused/depthwise.h: stride_phase_span), so that every tap of an output row is one contiguous, vectorised loop
-// for any stride, with no bounds to clip (the padding is stored as zeros). A plane's statistics and gradient sums
+// Dense NCHW, one [H, W] plane per task. Each padded plane is stored split into its stride phases in both axes
+// (PhasedPlane), so that every tap of a whole output plane is one contiguous, vectorised loop for any stride, with no
+// bounds to clip (the padding is stored as zeros), and the taps of a vector of outputs are summed in registers. A plane's statistics and gradient sums
 // are computed by one thread and combined over the batch in order, so results do not depend on the thread count.
 //
 // eval:  one pass, the BatchNorm folded into the taps.
@@ -29,11 +29,6 @@ namespace {
 constexpr const char* kForward = "ghostfused_C::depthwise_bn_forward";
 constexpr const char* kBackward = "ghostfused_C::depthwise_bn_backward";
 
-// One plane with its zero padding, split into stride phases in both axes: phase (p, r) holds the padded positions
-// (u, v) = (i * s + p, j * s + r) at [i, j] of a [rows, cols] array (ghostfused/depthwise.h: stride_phase_span).
-// Tap (a, b) of output (oi, oj) then reads phase (a % s, b % s) at [oi + a / s, oj + b / s]: with outputs indexed
-// flat as oi * cols + oj, every tap of the whole plane is one contiguous loop at a fixed offset, long even for 7x7
-// outputs. The cols - out_w columns past each output row are computed and discarded (the flat layout's margin).
 // Flat loops run over whole vectors: their lengths are rounded up to this many elements (the extra outputs are
 // margins too), and every array they touch has that much slack.
 constexpr int64_t kVector = 16;
@@ -83,6 +78,11 @@ void interleave(const T* even, const T* odd, int64_t count, T* row) {
   }
 }
 
+// One plane with its zero padding, split into stride phases in both axes: phase (p, r) holds the padded positions
+// (u, v) = (i * s + p, j * s + r) at [i, j] of a [rows, cols] array (ghostfused/depthwise.h: stride_phase_span).
+// Tap (a, b) of output (oi, oj) then reads phase (a % s, b % s) at [oi + a / s, oj + b / s]: with outputs indexed
+// flat as oi * cols + oj, every tap of the whole plane is one contiguous loop at a fixed offset, long even for 7x7
+// outputs. The cols - out_w columns past each output row are computed and discarded (the flat layout's margin).
 template <typename T>
 struct PhasedPlane {
   int64_t height, width, stride, pad, rows, cols, phase_size;
@@ -189,6 +189,18 @@ void sum_taps(T* out, const T* const* src, const T* w, int64_t size, bool first,
   }
 }
 
+// f(std::integral_constant<int, count>) for a tap count of 1 to 9 or 25: the counts the loops are compiled for.
+template <int N = 1, typename F>
+void with_tap_count(int count, const F& f) {
+  if constexpr (N > 9) {
+    f(std::integral_constant<int, 25>{});
+  } else if (count == N) {
+    f(std::integral_constant<int, N>{});
+  } else {
+    with_tap_count<N + 1>(count, f);
+  }
+}
+
 // sum_taps over any number of taps, in groups with compiled tap counts (all 25 of a 5x5 kernel, else up to 9), in
 // order; with no taps, out = init (first) or unchanged.
 template <typename T>
@@ -196,19 +208,9 @@ void sum_taps(T* out, const T* const* src, const T* w, int count, int64_t size, 
   if (count == 0 && first) std::fill(out, out + size, init);
   for (int t0 = 0; t0 < count;) {
     const int group = count - t0 >= 25 ? 25 : std::min(count - t0, 9);
-    const bool head = first && t0 == 0;
-    switch (group) {
-      case 1: sum_taps<T, 1>(out, src + t0, w + t0, size, head, init); break;
-      case 2: sum_taps<T, 2>(out, src + t0, w + t0, size, head, init); break;
-      case 3: sum_taps<T, 3>(out, src + t0, w + t0, size, head, init); break;
-      case 4: sum_taps<T, 4>(out, src + t0, w + t0, size, head, init); break;
-      case 5: sum_taps<T, 5>(out, src + t0, w + t0, size, head, init); break;
-      case 6: sum_taps<T, 6>(out, src + t0, w + t0, size, head, init); break;
-      case 7: sum_taps<T, 7>(out, src + t0, w + t0, size, head, init); break;
-      case 8: sum_taps<T, 8>(out, src + t0, w + t0, size, head, init); break;
-      case 9: sum_taps<T, 9>(out, src + t0, w + t0, size, head, init); break;
-      default: sum_taps<T, 25>(out, src + t0, w + t0, size, head, init); break;
-    }
+    with_tap_count(group, [&](auto n) {
+      sum_taps<T, decltype(n)::value>(out, src + t0, w + t0, size, first && t0 == 0, init);
+    });
     t0 += group;
   }
 }
@@ -281,17 +283,9 @@ struct PlaneScratch {
     for (size_t t0 = 0; t0 < sources.size(); t0 += kDotGroup) {
       const int group = static_cast<int>(std::min<size_t>(kDotGroup, sources.size() - t0));
       T sums[kDotGroup] = {};
-      switch (group) {
-        case 1: dot_taps<1>(sources.data() + t0, sums); break;
-        case 2: dot_taps<2>(sources.data() + t0, sums); break;
-        case 3: dot_taps<3>(sources.data() + t0, sums); break;
-        case 4: dot_taps<4>(sources.data() + t0, sums); break;
-        case 5: dot_taps<5>(sources.data() + t0, sums); break;
-        case 6: dot_taps<6>(sources.data() + t0, sums); break;
-        case 7: dot_taps<7>(sources.data() + t0, sums); break;
-        case 8: dot_taps<8>(sources.data() + t0, sums); break;
-        default: dot_taps<9>(sources.data() + t0, sums); break;
-      }
+      with_tap_count(group, [&](auto n) {
+        if constexpr (decltype(n)::value <= kDotGroup) dot_taps<decltype(n)::value>(sources.data() + t0, sums);
+      });
       for (int t = 0; t < group; ++t) taps_grad[t0 + t] += static_cast<double>(sums[t]);
     }
   }

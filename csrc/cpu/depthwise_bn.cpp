@@ -189,18 +189,6 @@ void sum_taps(T* out, const T* const* src, const T* w, int64_t size, bool first,
   }
 }
 
-// f(std::integral_constant<int, count>) for a tap count of 1 to 9 or 25: the counts the loops are compiled for.
-template <int N = 1, typename F>
-void with_tap_count(int count, const F& f) {
-  if constexpr (N > 9) {
-    f(std::integral_constant<int, 25>{});
-  } else if (count == N) {
-    f(std::integral_constant<int, N>{});
-  } else {
-    with_tap_count<N + 1>(count, f);
-  }
-}
-
 // sum_taps over any number of taps, in groups with compiled tap counts (all 25 of a 5x5 kernel, else up to 9), in
 // order; with no taps, out = init (first) or unchanged.
 template <typename T>
@@ -208,9 +196,19 @@ void sum_taps(T* out, const T* const* src, const T* w, int count, int64_t size, 
   if (count == 0 && first) std::fill(out, out + size, init);
   for (int t0 = 0; t0 < count;) {
     const int group = count - t0 >= 25 ? 25 : std::min(count - t0, 9);
-    with_tap_count(group, [&](auto n) {
-      sum_taps<T, decltype(n)::value>(out, src + t0, w + t0, size, first && t0 == 0, init);
-    });
+    const bool head = first && t0 == 0;
+    switch (group) {
+      case 1: sum_taps<T, 1>(out, src + t0, w + t0, size, head, init); break;
+      case 2: sum_taps<T, 2>(out, src + t0, w + t0, size, head, init); break;
+      case 3: sum_taps<T, 3>(out, src + t0, w + t0, size, head, init); break;
+      case 4: sum_taps<T, 4>(out, src + t0, w + t0, size, head, init); break;
+      case 5: sum_taps<T, 5>(out, src + t0, w + t0, size, head, init); break;
+      case 6: sum_taps<T, 6>(out, src + t0, w + t0, size, head, init); break;
+      case 7: sum_taps<T, 7>(out, src + t0, w + t0, size, head, init); break;
+      case 8: sum_taps<T, 8>(out, src + t0, w + t0, size, head, init); break;
+      case 9: sum_taps<T, 9>(out, src + t0, w + t0, size, head, init); break;
+      default: sum_taps<T, 25>(out, src + t0, w + t0, size, head, init); break;
+    }
     t0 += group;
   }
 }
@@ -283,9 +281,17 @@ struct PlaneScratch {
     for (size_t t0 = 0; t0 < sources.size(); t0 += kDotGroup) {
       const int group = static_cast<int>(std::min<size_t>(kDotGroup, sources.size() - t0));
       T sums[kDotGroup] = {};
-      with_tap_count(group, [&](auto n) {
-        if constexpr (decltype(n)::value <= kDotGroup) dot_taps<decltype(n)::value>(sources.data() + t0, sums);
-      });
+      switch (group) {
+        case 1: dot_taps<1>(sources.data() + t0, sums); break;
+        case 2: dot_taps<2>(sources.data() + t0, sums); break;
+        case 3: dot_taps<3>(sources.data() + t0, sums); break;
+        case 4: dot_taps<4>(sources.data() + t0, sums); break;
+        case 5: dot_taps<5>(sources.data() + t0, sums); break;
+        case 6: dot_taps<6>(sources.data() + t0, sums); break;
+        case 7: dot_taps<7>(sources.data() + t0, sums); break;
+        case 8: dot_taps<8>(sources.data() + t0, sums); break;
+        default: dot_taps<9>(sources.data() + t0, sums); break;
+      }
       for (int t = 0; t < group; ++t) taps_grad[t0 + t] += static_cast<double>(sums[t]);
     }
   }

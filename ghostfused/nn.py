@@ -5,7 +5,8 @@ layout). A configuration the fused ops do not cover (a primary kernel or stride 
 than ReLU, a BatchNorm without running statistics) runs the reference forward instead; so does a module whose
 BatchNorms disagree on train / eval mode, or on the process group they synchronise over. ``nn.SyncBatchNorm``
 layers are fused too: while they synchronise (training under ``torch.distributed`` with more than one process) the
-fused ops normalise over the whole group's batch (``ghostfused.distributed``).
+fused ops normalise over the whole group's batch (``ghostfused.distributed``). In eval mode a call that nothing
+observes goes from the module straight to the backend's C++ kernel (``ghostfused.ops.define.eval_kernel_output``).
 """
 
 import torch
@@ -13,7 +14,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import backends, ops, reference
-from .ops.batch_norm import is_fusable, sync_process_group
+from .ops.batch_norm import BatchNorm, is_fusable, schema_lists, sync_process_group
+from .ops.define import eval_kernel_output
 
 
 def _activation_kind(module: nn.Module) -> str | None:
@@ -125,6 +127,15 @@ class GhostModuleV2(reference.GhostModuleV2):
         if any(bn.training != training for bn in bns) or len({sync_process_group(bn) for bn in bns}) > 1:
             return super().forward(x)
         relu = isinstance(primary_act, nn.ReLU)
+        if not training:  # inference: the kernel at once where nothing observes the call (eval_kernel_output)
+            attn = self.mode == "attn"
+            dfc_weights = (short[0].weight, short[2].weight, short[4].weight) if attn else ()
+            flags = (self.oup, relu, self.upsample) if attn else (self.oup, relu)
+            out = eval_kernel_output("ghost_attn" if attn else "ghost_concat", self.backend,
+                                     (x, primary.weight, cheap.weight, *dfc_weights,
+                                      *schema_lists([BatchNorm.of(bn) for bn in bns]), *flags, False, None))
+            if out is not None:
+                return out
         if self.mode == "original":
             return ops.ghost_concat(x, primary.weight, primary_bn, cheap.weight, cheap_bn, self.oup, relu=relu,
                                     training=training, backend=self.backend)
@@ -158,6 +169,11 @@ def depthwise_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, backend: str) -> Ten
     if resolved == "eager" or "depthwise_bn" not in backends.KERNEL_OPS[resolved] \
             or reference.memory_format_of(x) == torch.channels_last:
         return bn(conv(x))
+    if not bn.training:
+        out = eval_kernel_output("depthwise_bn", resolved,
+                                 (x, conv.weight, *schema_lists([BatchNorm.of(bn)]), conv.stride[0], False, None))
+        if out is not None:
+            return out
     return ops.depthwise_bn(x, conv.weight, bn, conv.stride[0], training=bn.training, backend=resolved)
 
 

@@ -142,3 +142,25 @@ def run_fused_op(op, *args):
     if unobserved(args):  # inference: no dispatcher round trip
         return _FORWARDS[op](*args)
     return op(*args)
+
+
+def eval_kernel_output(name: str, backend: str, args) -> Tensor | None:
+    """The output of an eval-mode call of op ``name`` computed by ``backend``'s C++ kernel at once, or None when
+    the call must take the public op function's way.
+
+    For the fused modules (``ghostfused.nn``), whose layers were checked when the module was built. ``args``: the
+    op's schema arguments without ``backend``, with ``training`` False and no sync group. The public functions'
+    Python checks and the dispatcher round trip cost about 100 us a call, more than the kernel on the small inputs
+    of batch-1 inference; the C++ kernels check every argument themselves (TORCH_CHECK: ranks, shapes, dtypes,
+    devices, with messages naming the argument), so a call that nothing observes (:func:`unobserved`), outside
+    autocast (the public function casts) and ONNX export (the reference runs), skips nothing by going straight to
+    the kernel. Backends without C++ kernels, or without one for this op, return None.
+    """
+    x = args[0]
+    if not isinstance(x, Tensor):
+        return None
+    resolved = backends.resolve(backend, x.device)
+    if (resolved not in _KERNELS_CHECK_ARGUMENTS or name not in backends.KERNEL_OPS[resolved]
+            or torch.is_autocast_enabled(x.device.type) or torch.onnx.is_in_onnx_export() or not unobserved(args)):
+        return None
+    return backends.implementation(resolved, name).forward(*args)[0]

@@ -12,7 +12,8 @@ keeps activations at scale) is copied for every provider:
 For each, the eval-mode logits and the first training step's loss are checked against eager (relative error,
 tolerance by dtype); then eval-mode inference (per batch size) and a training step (forward, cross-entropy,
 backward, SGD step) are timed: CUDA events after warm-up on a GPU, ``perf_counter`` on CPU, medians over the
-iterations. The training step's peak memory is measured (GPU: the caching allocator's peak; CPU: the peak resident
+iterations, the providers interleaved call by call (so that a machine shared with other work slows them alike and
+their ratios hold). The training step's peak memory is measured (GPU: the caching allocator's peak; CPU: the peak resident
 set of a fresh process per provider). On a GPU the roofline view times every 'attn' Ghost module alone against its
 bandwidth floor (SPEC section 2). Everything, raw timings included, goes into a JSON file, a PNG chart and a log.
 """
@@ -20,6 +21,7 @@ bandwidth floor (SPEC section 2). Everything, raw timings included, goes into a 
 import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib.metadata
 import json
@@ -143,26 +145,56 @@ def providers(config: Config) -> list[Provider]:
 # Timing
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones: CUDA events around each call on
-    a GPU (one synchronisation at the end), ``time.perf_counter`` on CPU."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
+def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int,
+                     on_error: Callable[[str, Exception], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of each of ``iters`` calls of every function in ``calls``, interleaved: every round calls each once,
+    in order, so that a change of the machine's speed while they run (another process, the clock) reaches them all
+    alike rather than whichever was being timed. ``warmup`` untimed rounds first. CUDA events around each call on a
+    GPU (one synchronisation at the end), ``time.perf_counter`` on CPU. A function that raises is dropped (its
+    times with it) after ``on_error(name, error)``; without ``on_error`` the error propagates."""
+    calls = dict(calls)
+    times = {name: [] for name in calls}
+
+    def call(name, fn) -> bool:
+        try:
             fn()
-            end.record()
+            return True
+        except Exception as error:
+            if on_error is None:
+                raise
+            on_error(name, error)
+            del calls[name], times[name]
+            return False
+
+    cuda = device.type == "cuda"
+    events = {name: [] for name in calls}
+    for round_ in range(warmup + iters):
+        timed = round_ >= warmup
+        for name, fn in list(calls.items()):
+            if cuda and timed:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                if call(name, fn):
+                    end.record()
+                    events[name].append((start, end))
+            elif timed:
+                start = time.perf_counter()
+                if call(name, fn):
+                    times[name].append(time.perf_counter() - start)
+            else:
+                call(name, fn)
+        if cuda and round_ == warmup - 1:
+            torch.cuda.synchronize(device)
+    if cuda:
         torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name in times:
+            times[name] = [start.elapsed_time(end) / 1e3 for start, end in events[name]]
     return times
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones (:func:`time_interleaved`)."""
+    return time_interleaved({"fn": fn}, device, warmup, iters)["fn"]
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -346,7 +378,8 @@ class _Progress:
 def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True) -> dict:
     """Check and time every provider; returns the JSON file's ``results`` (one row per provider, phase and batch
     size, raw times included; training rows carry ``memory``), ``failures`` and ``roofline`` (None off GPUs).
-    ``log`` receives one line per finished measurement."""
+    The providers of one measurement are timed interleaved (:func:`time_interleaved`). ``log`` receives one line per
+    finished measurement."""
     device, amp_dtype = config.device, AMP_DTYPES[config.dtype]
     if config.dtype == "fp16" and device.type != "cuda":
         raise ValueError("--dtype fp16 needs a GPU (autocast on CPU runs in bf16)")
@@ -357,8 +390,8 @@ def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True
     train_inputs = make_inputs(config, config.train_batch_size, seed=2) if config.train_batch_size else None
     provider_list = providers(config)
     memory_in_process = config.memory and device.type == "cuda"
-    tasks_per_provider = 1 + len(config.batch_sizes) + (1 + memory_in_process if train_inputs else 0)
-    bar = _Progress(len(provider_list) * tasks_per_provider, progress)
+    phases = len(config.batch_sizes) + (1 if train_inputs else 0)
+    bar = _Progress(len(provider_list) * (2 + memory_in_process if train_inputs else 1) + phases, progress)
     tolerance = TOLERANCES[config.dtype]
     results, failures, references = [], [], {}
 
@@ -366,51 +399,74 @@ def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True
         with torch.no_grad(), autocast(device, amp_dtype):
             return model(x)
 
+    def fail(name: str, error: Exception) -> None:  # one provider's failure must not hide the others' figures
+        failures.append({"provider": name, "error": f"{type(error).__name__}: {error}"})
+        log(f"FAILED {name}: {type(error).__name__}: {str(error)[:500]}")
+        models.pop(name, None)
+        steps.pop(name, None)
+
+    def record(phase: str, batch_size: int, times: dict[str, list[float]], errors: dict[str, float]) -> None:
+        for name, provider_times in times.items():
+            results.append({"provider": name, "phase": phase, "batch_size": batch_size, "check_error": errors[name]}
+                           | summarize(provider_times))
+            log(_measurement_line(results[-1]))
+
+    # Every provider is built and checked first; each measurement then times all of them interleaved.
+    models, steps, errors = {}, {}, {}
     for provider in provider_list:
-        model = None
+        bar.step(f"{provider.name}: build and check")
         try:
-            bar.step(f"{provider.name}: build and check")
             model = provider.build(base).eval()
             logits = infer(model, inference_inputs[config.batch_sizes[0]]).float()
             references.setdefault("logits", logits)
-            error = relative_error(logits, references["logits"])
-            if not error <= tolerance:
-                raise AssertionError(f"eval logits differ from eager by {error:.3g} (relative; tolerance {tolerance})")
-            bar.step(f"{provider.name}: checked", done=True)
-            for batch_size, x in inference_inputs.items():
-                bar.step(f"{provider.name}: inference, batch {batch_size}")
-                times = time_calls(lambda: infer(model, x), device, config.warmup, config.iters)
-                results.append({"provider": provider.name, "phase": "inference", "batch_size": batch_size,
-                                "check_error": error} | summarize(times))
-                log(_measurement_line(results[-1]))
-                bar.step(f"{provider.name}: inference, batch {batch_size}", done=True)
-            if train_inputs is not None:
-                bar.step(f"{provider.name}: training step, batch {config.train_batch_size}")
-                model.train()
-                step = TrainStep(model, _optimizer(model), device, amp_dtype)
+            errors[provider.name] = relative_error(logits, references["logits"])
+            if not errors[provider.name] <= tolerance:
+                raise AssertionError(f"eval logits differ from eager by {errors[provider.name]:.3g} (relative; "
+                                     f"tolerance {tolerance})")
+            models[provider.name] = model
+        except Exception as error:
+            fail(provider.name, error)
+        bar.step(f"{provider.name}: checked", done=True)
+    for batch_size, x in inference_inputs.items():
+        bar.step(f"inference, batch {batch_size}")
+        times = time_interleaved({name: functools.partial(infer, model, x) for name, model in models.items()},
+                                 device, config.warmup, config.iters, fail)
+        record("inference", batch_size, times, errors)
+        bar.step(f"inference, batch {batch_size}", done=True)
+    if train_inputs is not None:
+        for name, model in list(models.items()):
+            bar.step(f"{name}: training step check")
+            try:
+                step = TrainStep(model.train(), _optimizer(model), device, amp_dtype)
                 loss = step(*train_inputs).item()
                 references.setdefault("loss", loss)
-                loss_error = abs(loss - references["loss"]) / abs(references["loss"])
-                if not loss_error <= tolerance:
+                errors[name] = abs(loss - references["loss"]) / abs(references["loss"])
+                if not errors[name] <= tolerance:
                     raise AssertionError(f"first training loss {loss:.6g} differs from eager's "
-                                         f"{references['loss']:.6g} by {loss_error:.3g} (relative; "
+                                         f"{references['loss']:.6g} by {errors[name]:.3g} (relative; "
                                          f"tolerance {tolerance})")
-                times = time_calls(lambda: step(*train_inputs), device, config.warmup, config.iters)
-                results.append({"provider": provider.name, "phase": "train", "batch_size": config.train_batch_size,
-                                "check_error": loss_error} | summarize(times))
-                log(_measurement_line(results[-1]))
-                bar.step(f"{provider.name}: training step", done=True)
-                if memory_in_process:
-                    results[-1]["memory"] = measure_memory_in_process(lambda: step(*train_inputs), device)
-                    bar.step(f"{provider.name}: memory", done=True)
-        except Exception as error:  # one provider's failure must not hide the others' figures
-            failures.append({"provider": provider.name, "error": f"{type(error).__name__}: {error}"})
-            log(f"FAILED {provider.name}: {type(error).__name__}: {str(error)[:500]}")
-        finally:
-            del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                steps[name] = step
+            except Exception as error:
+                fail(name, error)
+            bar.step(f"{name}: training step checked", done=True)
+        bar.step(f"training step, batch {config.train_batch_size}")
+        times = time_interleaved({name: functools.partial(step, *train_inputs) for name, step in steps.items()},
+                                 device, config.warmup, config.iters, fail)
+        record("train", config.train_batch_size, times, errors)
+        bar.step(f"training step, batch {config.train_batch_size}", done=True)
+        for row in [row for row in results if row["phase"] == "train" and memory_in_process]:
+            try:
+                row["memory"] = measure_memory_in_process(functools.partial(steps[row["provider"]], *train_inputs),
+                                                          device)
+            except Exception as error:
+                fail(row["provider"], error)
+            bar.step(f"{row['provider']}: memory", done=True)
+    order = {provider.name: i for i, provider in enumerate(provider_list)}
+    results.sort(key=lambda row: (order[row["provider"]], row["phase"] == "train"))  # stable: batch sizes in order
+    del models, steps
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     bar.close()
     failed = {f["provider"] for f in failures}
     if config.memory and train_inputs is not None and device.type != "cuda":

@@ -126,6 +126,23 @@ def test_time_calls_warms_up_then_times_each_call():
     assert len(calls) == 7 and len(times) == 4 and all(t >= 0 for t in times)
 
 
+def test_time_interleaved_alternates_and_drops_a_failing_call():
+    calls, errors = [], []
+
+    def flaky():
+        calls.append("b")
+        if calls.count("b") == 3:
+            raise RuntimeError("broken")
+
+    times = benchmark.time_interleaved({"a": lambda: calls.append("a"), "b": flaky, "c": lambda: calls.append("c")},
+                                       torch.device("cpu"), warmup=1, iters=3,
+                                       on_error=lambda name, error: errors.append((name, str(error))))
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "c"]  # round by round; b dropped in round 3
+    assert errors == [("b", "broken")] and set(times) == {"a", "c"} and all(len(t) == 3 for t in times.values())
+    with pytest.raises(ZeroDivisionError):  # without on_error the error propagates
+        benchmark.time_interleaved({"a": lambda: 1 / 0}, torch.device("cpu"), warmup=0, iters=3)
+
+
 def test_roofline_view_runs_and_reports():
     """The GPU roofline, run on CPU tensors here (the bench runs it on GPUs only): floor bytes and percentages."""
     config = benchmark.Config(torch.device("cpu"), width=0.5, resolution=64, batch_sizes=(2,))

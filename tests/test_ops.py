@@ -5,6 +5,8 @@ contiguous and channels_last, plus gradcheck in float64 and torch.library.opchec
 before each launch (GHOSTFUSED_POISON_OUTPUTS, set in conftest), so an unwritten element fails.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,6 +204,38 @@ def test_inference_skips_the_dispatcher_only_when_nothing_observes_the_op(backen
     with torch.no_grad():
         assert direct.unobserved(args)
         assert not direct.unobserved((torch.nn.Parameter(x).as_subclass(_Subclass), "cpu"))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("mode", ["original", "attn"])
+def test_eager_training_runs_the_ops_own_autograd_node(backend, mode):
+    """A plain eager training call runs the op's own autograd.Function (its grad_fn named after the op), not the
+    custom op's autograd wrapper; under a dispatch mode the custom op runs. Both give the same output, gradients
+    and running statistics, bit for bit. A second-order gradient raises (neither backward is differentiable).
+    Not the eager backend: its backward (torch.func.vjp of the reference) does not run under a dispatch mode."""
+    reference = ghost_module(3, 5, mode=mode, dtype=torch.float64).train()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    grad = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    op = "ghost_attn" if mode == "attn" else "ghost_concat"
+    results = []
+    for observed in (False, True):
+        module = fused_copy(reference, backend)
+        x_leaf = x.clone().requires_grad_()
+        with _RecordOps() if observed else contextlib.nullcontext() as recorded:
+            out = module(x_leaf)
+            node = type(out.grad_fn).__name__
+            out.backward(grad)
+        assert (node == op.title().replace("_", "") + "Backward") != observed, node
+        if observed:
+            assert f"ghostfused.{op}" in recorded.names and f"ghostfused.{op}_backward" in recorded.names
+        results.append([out, x_leaf.grad, *(p.grad for p in module.parameters()), *module.buffers()])
+    for plain, observed in zip(*results):
+        torch.testing.assert_close(plain, observed, rtol=0, atol=0)
+    module = fused_copy(reference, backend)
+    x_leaf = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(module(x_leaf), x_leaf, grad, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+        dx.sum().backward()
 
 
 class _Subclass(torch.Tensor):

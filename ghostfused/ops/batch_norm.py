@@ -107,10 +107,14 @@ def _update_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked
     num_batches_tracked.add_(1)
     if count == 0:
         return
-    factor = 1.0 / num_batches_tracked.to(batch_mean.dtype) if momentum is None else momentum
     unbiased_var = batch_var * (count / (count - 1))
-    running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)
-    running_var.copy_(running_var * (1 - factor) + unbiased_var * factor)
+    if momentum is None:
+        factor = 1.0 / num_batches_tracked.to(batch_mean.dtype)
+        running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)
+        running_var.copy_(running_var * (1 - factor) + unbiased_var * factor)
+    else:  # the arithmetic of _update_stats_together, so that both give the same bits
+        running_mean.mul_(1 - momentum).add_(batch_mean, alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)
 
 
 batch_norm_update_stats = torch.library.custom_op(
@@ -137,7 +141,28 @@ def update_running_stats(bns: Sequence[BatchNorm], stats_mean: Tensor, stats_var
     """
     sizes = [bn.running_mean.shape[0] for bn in bns]
     buffers = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
-    # When nothing observes the op, its implementation runs directly (no dispatcher round trip per BatchNorm).
+    means, variances = stats_mean.detach().split(sizes), stats_var.detach().split(sizes)
+    momenta = {bn.momentum for bn in bns}
+    if unobserved(buffers + [stats_mean]) and len(momenta) == 1 and None not in momenta and 1 not in counts:
+        # Nothing observes the update and the BatchNorms share one momentum: all of them in a few foreach calls
+        # (one call per tensor per BatchNorm costs more than a small kernel).
+        _update_stats_together(bns, means, variances, counts, momenta.pop())
+        return
     update = _update_stats if unobserved(buffers + [stats_mean]) else batch_norm_update_stats
-    for bn, mean, var, count in zip(bns, stats_mean.detach().split(sizes), stats_var.detach().split(sizes), counts):
+    for bn, mean, var, count in zip(bns, means, variances, counts):
         update(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var, count, bn.momentum)
+
+
+def _update_stats_together(bns: Sequence[BatchNorm], means: Sequence[Tensor], variances: Sequence[Tensor],
+                           counts: Sequence[int], momentum: float) -> None:
+    """:func:`_update_stats` of every BatchNorm of ``bns`` (one momentum, no count of 1) with foreach ops."""
+    torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    kept = [i for i, count in enumerate(counts) if count > 0]  # an empty batch only counts
+    if not kept:
+        return
+    running_means = [bns[i].running_mean for i in kept]
+    running_vars = [bns[i].running_var for i in kept]
+    unbiased = torch._foreach_mul([variances[i] for i in kept], [counts[i] / (counts[i] - 1) for i in kept])
+    for running, batch in ((running_means, [means[i] for i in kept]), (running_vars, unbiased)):
+        torch._foreach_mul_(running, 1 - momentum)
+        torch._foreach_add_(running, batch, alpha=momentum)

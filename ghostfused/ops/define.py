@@ -31,11 +31,12 @@ from torch import Tensor
 
 from .. import backends
 from . import checks
-from .direct import unobserved
+from .direct import plain_eager, unobserved
 from ..reference import memory_format_of, stats_dtype
 
 _OP_NAMES = {}  # forward op -> op name, for run_fused_op
 _FORWARDS = {}  # forward op -> its Python implementation, for run_fused_op
+_NODES = {}  # forward op -> (number of leading tensors, its autograd.Function), for run_fused_op
 _KERNELS_CHECK_ARGUMENTS = ("cpu", "cuda")  # backends whose kernels validate their own arguments (C++ TORCH_CHECK)
 
 
@@ -110,22 +111,51 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
         ctx.flags = inputs[num_tensors + 4:]  # bn_eps, the op's flags, backend
         ctx.save_for_backward(*inputs[:num_tensors], *bn_weight, *bn_bias, stats_mean, stats_var, saved)
 
-    def autograd_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_saved):
+    def gradients(ctx, grad_out, run_backward):
+        """(gradients of the leading tensors, of bn_weight, of bn_bias) from ``run_backward`` (the backward op or
+        its implementation) with what ``setup_context`` saved."""
         tensors = ctx.saved_tensors[:num_tensors]
         bn_weight = list(ctx.saved_tensors[num_tensors:num_tensors + ctx.num_bn])
         bn_bias = list(ctx.saved_tensors[num_tensors + ctx.num_bn:num_tensors + 2 * ctx.num_bn])
         stats_mean, stats_var, saved = ctx.saved_tensors[-3:]
         sizes = [w.shape[0] for w in bn_weight]
-        grads = backward_op(grad_out, saved, *tensors, bn_weight, bn_bias, list(stats_mean.split(sizes)),
-                            list(stats_var.split(sizes)), *ctx.flags)
+        grads = run_backward(grad_out, saved, *tensors, bn_weight, bn_bias, list(stats_mean.split(sizes)),
+                             list(stats_var.split(sizes)), *ctx.flags)
         grad_bn_weight = [g.to(w.dtype) for g, w in zip(grads[-2].split(sizes), bn_weight)]
         grad_bn_bias = [g.to(b.dtype) for g, b in zip(grads[-1].split(sizes), bn_bias)]
+        return grads[:num_tensors], grad_bn_weight, grad_bn_bias
+
+    def autograd_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_saved):
+        grads, grad_bn_weight, grad_bn_bias = gradients(ctx, grad_out, backward_op)
         no_grad = [None] * ctx.num_bn  # tensor-list inputs (bn_mean, bn_var) take lists
-        return (*grads[:num_tensors], grad_bn_weight, grad_bn_bias, no_grad, no_grad, *([None] * len(ctx.flags)))
+        return (*grads, grad_bn_weight, grad_bn_bias, no_grad, no_grad, *([None] * len(ctx.flags)))
 
     forward_op.register_autograd(autograd_backward, setup_context=setup_context)
+
+    def node_forward(ctx, num_bn, *flat):
+        split = num_tensors + 2 * num_bn
+        args = (*flat[:num_tensors], list(flat[num_tensors:num_tensors + num_bn]),
+                list(flat[num_tensors + num_bn:split]), *flat[split:])
+        outputs = forward(*args)
+        setup_context(ctx, args, outputs)
+        return outputs
+
+    @torch.autograd.function.once_differentiable
+    def node_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_saved):
+        grads, grad_bn_weight, grad_bn_bias = gradients(ctx, grad_out, backward)
+        return None, *grads, *grad_bn_weight, *grad_bn_bias, None, None, *([None] * len(ctx.flags))
+
+    # The op's autograd node for plain eager calls (run_fused_op): the custom op's autograd formula with the forward
+    # and backward implementations called directly, without the custom op's dispatcher round trips and argument
+    # flattening (hundreds of microseconds a training call, more than a small kernel). Arguments: the number of
+    # BatchNorms, the leading tensors, bn_weight and bn_bias unpacked (autograd tracks top-level tensors only), then
+    # the schema's other arguments. Named after the op (its grad_fn: GhostAttnBackward).
+    node = type("".join(part.title() for part in name.split("_")), (torch.autograd.Function,),
+                {"forward": staticmethod(node_forward), "backward": staticmethod(node_backward)})
+
     _OP_NAMES[forward_op] = name
     _FORWARDS[forward_op] = forward
+    _NODES[forward_op] = (num_tensors, node)
     return forward_op
 
 
@@ -141,6 +171,10 @@ def run_fused_op(op, *args):
         return backends.implementation("eager", _OP_NAMES[op]).forward(*args[:-1])
     if unobserved(args):  # inference: no dispatcher round trip
         return _FORWARDS[op](*args)
+    if plain_eager(args):  # eager training: the op's own autograd node
+        num_tensors, node = _NODES[op]
+        bn_weight, bn_bias = args[num_tensors], args[num_tensors + 1]
+        return node.apply(len(bn_weight), *args[:num_tensors], *bn_weight, *bn_bias, *args[num_tensors + 2:])
     return op(*args)
 
 

@@ -107,8 +107,8 @@ def bench(args: argparse.Namespace, command: str) -> int:
         log(f"  backend {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
     log(f"ghostnetv2 width {config.width}, {config.resolution}x{config.resolution}, {config.dtype}"
         f"{', channels_last' if config.channels_last else ''}; inference batch {config.batch_sizes}, training batch "
-        f"{config.train_batch_size}; median of {config.iters} after {config.warmup} warm-up; providers: "
-        + ", ".join(p.name for p in benchmark.providers(config)))
+        f"{config.train_batch_size}; median of {config.iters} after {config.warmup} warm-up, providers interleaved in "
+        f"blocks of {benchmark.TIMING_BLOCK}: " + ", ".join(p.name for p in benchmark.providers(config)))
     start = time.perf_counter()
     outcome = benchmark.run(config, log=log, progress=not args.no_progress)
     wall = time.perf_counter() - start

@@ -12,10 +12,11 @@ keeps activations at scale) is copied for every provider:
 For each, the eval-mode logits and the first training step's loss are checked against eager (relative error,
 tolerance by dtype); then eval-mode inference (per batch size) and a training step (forward, cross-entropy,
 backward, SGD step) are timed: CUDA events after warm-up on a GPU, ``perf_counter`` on CPU, medians over the
-iterations, the providers interleaved call by call (so that a machine shared with other work slows them alike and
-their ratios hold). The training step's peak memory is measured (GPU: the caching allocator's peak; CPU: the peak resident
-set of a fresh process per provider). On a GPU the roofline view times every 'attn' Ghost module alone against its
-bandwidth floor (SPEC section 2). Everything, raw timings included, goes into a JSON file, a PNG chart and a log.
+iterations, the providers interleaved in blocks of ``TIMING_BLOCK`` timed calls (so that a machine shared with other
+work slows them alike and their ratios hold, while each block runs in its provider's own steady state). The training
+step's peak memory is measured (GPU: the caching allocator's peak; CPU: the peak resident set of a fresh process per
+provider). On a GPU the roofline view times every 'attn' Ghost module alone against its bandwidth floor (SPEC
+section 2). Everything, raw timings included, goes into a JSON file, a PNG chart and a log.
 """
 
 import copy
@@ -48,6 +49,8 @@ from .train import AMP_DTYPES, TrainStep, autocast, current_memory_bytes, peak_m
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 NUM_CLASSES = 1000
+# Calls of one provider in a row when the providers of a measurement are timed interleaved (time_interleaved).
+TIMING_BLOCK = 5
 EAGER_BACKEND_PROVIDER = "eager-ops"  # the ops with the `eager` backend (dispatch overhead), on request only
 
 
@@ -146,45 +149,47 @@ def providers(config: Config) -> list[Provider]:
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int,
-                     on_error: Callable[[str, Exception], None] | None = None) -> dict[str, list[float]]:
-    """Seconds of each of ``iters`` calls of every function in ``calls``, interleaved: every round calls each once,
-    in order, so that a change of the machine's speed while they run (another process, the clock) reaches them all
-    alike rather than whichever was being timed. ``warmup`` untimed rounds first. CUDA events around each call on a
-    GPU (one synchronisation at the end), ``time.perf_counter`` on CPU. A function that raises is dropped (its
-    times with it) after ``on_error(name, error)``; without ``on_error`` the error propagates."""
+                     block: int = 1, on_error: Callable[[str, Exception], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of each of ``iters`` calls of every function in ``calls``, interleaved in blocks: every round calls
+    each function ``block`` times in a row, in order, so that a change of the machine's speed while they run
+    (another process, the clock) reaches them all alike rather than whichever was being timed; a block of more than
+    one call starts with one untimed call, so that its timed calls find the function's own steady state (caches,
+    the allocator's free lists) rather than what the previous function left. ``warmup`` untimed rounds of one call
+    first. CUDA events around each call on a GPU (one synchronisation at the end), ``time.perf_counter`` on CPU. A
+    function that raises is dropped (its times with it) after ``on_error(name, error)``; without ``on_error`` the
+    error propagates."""
     calls = dict(calls)
     times = {name: [] for name in calls}
+    cuda = device.type == "cuda"
+    events = {name: [] for name in calls}
 
-    def call(name, fn) -> bool:
+    def call(name, fn, timed: bool) -> None:
         try:
-            fn()
-            return True
+            if cuda and timed:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[name].append((start, end))
+            elif timed:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            else:
+                fn()
         except Exception as error:
             if on_error is None:
                 raise
             on_error(name, error)
             del calls[name], times[name]
-            return False
 
-    cuda = device.type == "cuda"
-    events = {name: [] for name in calls}
-    for round_ in range(warmup + iters):
-        timed = round_ >= warmup
+    # (untimed, timed) calls of each function per round
+    rounds = [(1, 0)] * warmup + [(int(block > 1), min(block, iters - start)) for start in range(0, iters, block)]
+    for untimed, timed in rounds:
         for name, fn in list(calls.items()):
-            if cuda and timed:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                if call(name, fn):
-                    end.record()
-                    events[name].append((start, end))
-            elif timed:
-                start = time.perf_counter()
-                if call(name, fn):
-                    times[name].append(time.perf_counter() - start)
-            else:
-                call(name, fn)
-        if cuda and round_ == warmup - 1:
-            torch.cuda.synchronize(device)
+            for i in range(untimed + timed):
+                if name in calls:
+                    call(name, fn, timed=i >= untimed)
     if cuda:
         torch.cuda.synchronize(device)
         for name in times:
@@ -378,7 +383,7 @@ class _Progress:
 def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True) -> dict:
     """Check and time every provider; returns the JSON file's ``results`` (one row per provider, phase and batch
     size, raw times included; training rows carry ``memory``), ``failures`` and ``roofline`` (None off GPUs).
-    The providers of one measurement are timed interleaved (:func:`time_interleaved`). ``log`` receives one line per
+    The providers of one measurement are timed interleaved in blocks of ``TIMING_BLOCK`` (:func:`time_interleaved`). ``log`` receives one line per
     finished measurement."""
     device, amp_dtype = config.device, AMP_DTYPES[config.dtype]
     if config.dtype == "fp16" and device.type != "cuda":
@@ -430,7 +435,7 @@ def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True
     for batch_size, x in inference_inputs.items():
         bar.step(f"inference, batch {batch_size}")
         times = time_interleaved({name: functools.partial(infer, model, x) for name, model in models.items()},
-                                 device, config.warmup, config.iters, fail)
+                                 device, config.warmup, config.iters, TIMING_BLOCK, fail)
         record("inference", batch_size, times, errors)
         bar.step(f"inference, batch {batch_size}", done=True)
     if train_inputs is not None:
@@ -451,7 +456,7 @@ def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True
             bar.step(f"{name}: training step checked", done=True)
         bar.step(f"training step, batch {config.train_batch_size}")
         times = time_interleaved({name: functools.partial(step, *train_inputs) for name, step in steps.items()},
-                                 device, config.warmup, config.iters, fail)
+                                 device, config.warmup, config.iters, TIMING_BLOCK, fail)
         record("train", config.train_batch_size, times, errors)
         bar.step(f"training step, batch {config.train_batch_size}", done=True)
         for row in [row for row in results if row["phase"] == "train" and memory_in_process]:

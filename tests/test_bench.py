@@ -139,6 +139,11 @@ def test_time_interleaved_alternates_and_drops_a_failing_call():
                                        on_error=lambda name, error: errors.append((name, str(error))))
     assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "c"]  # round by round; b dropped in round 3
     assert errors == [("b", "broken")] and set(times) == {"a", "c"} and all(len(t) == 3 for t in times.values())
+    calls.clear()
+    times = benchmark.time_interleaved({"a": lambda: calls.append("a"), "c": lambda: calls.append("c")},
+                                       torch.device("cpu"), warmup=1, iters=5, block=3)
+    # warm-up round, then blocks of one untimed and up to three timed calls
+    assert "".join(calls) == "ac" + "aaaacccc" + "aaacc" + "c" and all(len(t) == 5 for t in times.values())
     with pytest.raises(ZeroDivisionError):  # without on_error the error propagates
         benchmark.time_interleaved({"a": lambda: 1 / 0}, torch.device("cpu"), warmup=0, iters=3)
 

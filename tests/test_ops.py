@@ -10,6 +10,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -236,6 +237,23 @@ def test_eager_training_runs_the_ops_own_autograd_node(backend, mode):
     (dx,) = torch.autograd.grad(module(x_leaf), x_leaf, grad, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
         dx.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing_gives_the_same_gradients(backend):
+    """torch.utils.checkpoint (non-reentrant: saved-tensor hooks that allow one unpacking) around a fused module."""
+    reference = ghost_module(3, 5, mode="attn", dtype=torch.float64).train()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    grad = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    plain, checkpointed = fused_copy(reference, backend), fused_copy(reference, backend)
+    expected, expected_dx = run_step(plain, x, grad)
+    x_leaf = x.clone().requires_grad_()
+    out = torch.utils.checkpoint.checkpoint(checkpointed, x_leaf, use_reentrant=False)
+    out.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(x_leaf.grad, expected_dx, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(checkpointed.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
 class _Subclass(torch.Tensor):

@@ -21,7 +21,9 @@ sees them, so that a direct call of ``torch.ops.ghostfused.<op>`` raises as the 
 checks of the op for the backends written in Python, the C++ kernels' own checks (TORCH_CHECK) for ``cpu`` and
 ``cuda``; the fake kernels check that all tensors share one device (the dispatcher sends a call that mixes meta and
 real tensors to them). The public op functions call the forward op through
-:func:`run_fused_op`, which computes the eager reference instead while a model is exported to ONNX.
+:func:`run_fused_op`, which computes the eager reference instead while a model is exported to ONNX, and takes
+shorter ways for a plain eager call (the implementation directly for inference, the op's own autograd node for
+training); :func:`eval_kernel_output` is the fused modules' way to a kernel in eval mode.
 """
 
 from typing import Callable
@@ -114,10 +116,11 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
     def gradients(ctx, grad_out, run_backward):
         """(gradients of the leading tensors, of bn_weight, of bn_bias) from ``run_backward`` (the backward op or
         its implementation) with what ``setup_context`` saved."""
-        tensors = ctx.saved_tensors[:num_tensors]
-        bn_weight = list(ctx.saved_tensors[num_tensors:num_tensors + ctx.num_bn])
-        bn_bias = list(ctx.saved_tensors[num_tensors + ctx.num_bn:num_tensors + 2 * ctx.num_bn])
-        stats_mean, stats_var, saved = ctx.saved_tensors[-3:]
+        unpacked = ctx.saved_tensors  # once: activation checkpointing's hooks allow one unpacking
+        tensors = unpacked[:num_tensors]
+        bn_weight = list(unpacked[num_tensors:num_tensors + ctx.num_bn])
+        bn_bias = list(unpacked[num_tensors + ctx.num_bn:num_tensors + 2 * ctx.num_bn])
+        stats_mean, stats_var, saved = unpacked[-3:]
         sizes = [w.shape[0] for w in bn_weight]
         grads = run_backward(grad_out, saved, *tensors, bn_weight, bn_bias, list(stats_mean.split(sizes)),
                              list(stats_var.split(sizes)), *ctx.flags)

@@ -113,8 +113,8 @@ def _update_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked
         running_mean.copy_(running_mean * (1 - factor) + batch_mean * factor)
         running_var.copy_(running_var * (1 - factor) + unbiased_var * factor)
     else:  # the arithmetic of _update_stats_together, so that both give the same bits
-        running_mean.mul_(1 - momentum).add_(batch_mean, alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)
+        running_mean.copy_((running_mean * (1 - momentum)).add_(batch_mean, alpha=momentum))
+        running_var.copy_((running_var * (1 - momentum)).add_(unbiased_var, alpha=momentum))
 
 
 batch_norm_update_stats = torch.library.custom_op(
@@ -163,6 +163,9 @@ def _update_stats_together(bns: Sequence[BatchNorm], means: Sequence[Tensor], va
     running_means = [bns[i].running_mean for i in kept]
     running_vars = [bns[i].running_var for i in kept]
     unbiased = torch._foreach_mul([variances[i] for i in kept], [counts[i] / (counts[i] - 1) for i in kept])
+    # Each buffer written once, from a new value: threads training one model at once leave one call's update per
+    # buffer, as nn.BatchNorm2d does, never a mixture.
     for running, batch in ((running_means, [means[i] for i in kept]), (running_vars, unbiased)):
-        torch._foreach_mul_(running, 1 - momentum)
-        torch._foreach_add_(running, batch, alpha=momentum)
+        updated = torch._foreach_mul(running, 1 - momentum)
+        torch._foreach_add_(updated, batch, alpha=momentum)
+        torch._foreach_copy_(running, updated)

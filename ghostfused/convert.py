@@ -5,7 +5,7 @@ import warnings
 import torch.nn as nn
 
 from . import backends, reference
-from .nn import (DepthwiseBNSequential, GhostBottleneckV2, GhostModuleV2, depthwise_bn_reason,
+from .nn import (DepthwiseBNSequential, GhostBottleneckV2, GhostModuleV2, SqueezeExcite, depthwise_bn_reason,
                  unfusable_reason)
 
 
@@ -37,17 +37,27 @@ def _replace_children(model: nn.Module, replacement) -> None:
                 setattr(parent, child_name, new)
 
 
-def _fused_layers(module: nn.Module, backend: str) -> nn.Module:
-    """Our bottleneck with its strided depthwise pair fused; a plain Sequential with (depthwise conv, BatchNorm)
-    pairs (GhostNetV2's shortcut, and any such Sequential) as a DepthwiseBNSequential."""
-    if isinstance(module, (GhostBottleneckV2, DepthwiseBNSequential)):
+def _fused_bottleneck(module: nn.Module, backend: str) -> nn.Module:
+    """Our GhostNetV2 bottleneck with its strided depthwise pair fused."""
+    if isinstance(module, GhostBottleneckV2):
         module.backend = backend
         return module
     if type(module) is reference.GhostBottleneckV2:
         return GhostBottleneckV2.from_module(module, backend)
+    return module
+
+
+def _fused_layers(module: nn.Module, backend: str) -> nn.Module:
+    """A plain Sequential with (depthwise conv, BatchNorm) pairs (GhostNetV2's shortcut, and any such Sequential) as
+    a DepthwiseBNSequential; our SqueezeExcite with linear layers."""
+    if isinstance(module, DepthwiseBNSequential):
+        module.backend = backend
+        return module
     if type(module) is nn.Sequential and any(depthwise_bn_reason(a, b) is None
                                             for a, b in zip(module, list(module)[1:])):
         return DepthwiseBNSequential.from_module(module, backend)
+    if type(module) is reference.SqueezeExcite:
+        return SqueezeExcite.from_module(module)
     return module
 
 
@@ -60,7 +70,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     module the fused ops cannot compute stays as it is, with one warning naming it. Our GhostNetV2 bottlenecks
     become :class:`ghostfused.nn.GhostBottleneckV2` (``conv_dw`` + ``bn_dw`` as one op), and every plain
     ``nn.Sequential`` holding a depthwise convolution followed by a BatchNorm (GhostNetV2's shortcut, in ours and
-    timm's models alike) a :class:`ghostfused.nn.DepthwiseBNSequential`. The fused modules share the originals'
+    timm's models alike) a :class:`ghostfused.nn.DepthwiseBNSequential`; our SqueezeExcite modules compute their
+    1x1 convolutions as linear layers (:class:`ghostfused.nn.SqueezeExcite`). The fused modules share the originals'
     parameter and buffer tensors, so state-dict keys and values are unchanged, as are outputs and gradients.
     ``backend`` is 'auto', 'eager', 'triton', 'cpu' or 'cuda'. Returns ``model`` (or the fused module when ``model``
     is itself a Ghost module).
@@ -73,9 +84,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     if is_ghost_module(model):
         return _fused(model, "", backend)
     _replace_children(model, lambda child, name: _fused(child, name, backend) if is_ghost_module(child) else child)
-    # Bottlenecks before Sequentials: a bottleneck's replacement shares its shortcut, which is then replaced in it.
-    _replace_children(model, lambda child, name: _fused_layers(child, backend)
-                      if not isinstance(child, nn.Sequential) else child)
-    _replace_children(model, lambda child, name: _fused_layers(child, backend)
-                      if isinstance(child, nn.Sequential) else child)
+    # Bottlenecks first: a bottleneck's replacement shares its children (shortcut, SqueezeExcite), which the next
+    # pass then replaces in it.
+    _replace_children(model, lambda child, name: _fused_bottleneck(child, backend))
+    _replace_children(model, lambda child, name: _fused_layers(child, backend))
     return model

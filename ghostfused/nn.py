@@ -11,6 +11,7 @@ observes goes from the module straight to the backend's C++ kernel (``ghostfused
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, ops, reference
@@ -210,6 +211,34 @@ class DepthwiseBNSequential(nn.Sequential):
         return f"pairs={self.pairs}, backend={self.backend!r}"
 
 
+def _sharing(cls: type, module: nn.Module) -> nn.Module:
+    """A ``cls`` instance with ``module``'s attributes (hooks and mode too) and its children, parameters and buffers,
+    in containers of its own."""
+    fused = cls.__new__(cls)
+    fused.__dict__.update(module.__dict__)
+    fused._modules = dict(module._modules)
+    fused._parameters, fused._buffers = dict(module._parameters), dict(module._buffers)
+    return fused
+
+
+class SqueezeExcite(reference.SqueezeExcite):
+    """:class:`ghostfused.reference.SqueezeExcite` with its two 1x1 convolutions, which see one pixel per sample (the
+    pooled vector), computed as linear layers on [N, C]: ATen's convolution takes a slow path for them (tens of
+    microseconds each at batch 1, several times the GEMM). Same parameters, attributes and state dict.
+    ``[N, C, H, W] -> [N, C, H, W]``, laid out like x."""
+
+    @classmethod
+    def from_module(cls, module: reference.SqueezeExcite) -> "SqueezeExcite":
+        """A module sharing ``module``'s submodules (its convolutions' parameters)."""
+        return _sharing(cls, module)
+
+    def forward(self, x: Tensor) -> Tensor:
+        reduce, expand = self.conv_reduce, self.conv_expand
+        hidden = self.act1(F.linear(x.mean((2, 3)), reduce.weight.flatten(1), reduce.bias))
+        scale = reference.hard_sigmoid(F.linear(hidden, expand.weight.flatten(1), expand.bias))
+        return x * scale[:, :, None, None]
+
+
 class GhostBottleneckV2(reference.GhostBottleneckV2):
     """:class:`ghostfused.reference.GhostBottleneckV2` with its layers fused (``backend`` as above): the two Ghost
     modules, the strided depthwise convolution and its BatchNorm (``conv_dw``, ``bn_dw``: :func:`depthwise_bn`) and
@@ -228,10 +257,7 @@ class GhostBottleneckV2(reference.GhostBottleneckV2):
     def from_module(cls, module: reference.GhostBottleneckV2, backend: str = "auto") -> "GhostBottleneckV2":
         """A fused bottleneck sharing ``module``'s submodules (its Ghost modules and shortcut as they are: ``convert``
         fuses those)."""
-        fused = cls.__new__(cls)
-        fused.__dict__.update(module.__dict__)  # attributes (stride, se = None), hooks and mode
-        fused._modules = dict(module._modules)  # own containers, shared children
-        fused._parameters, fused._buffers = dict(module._parameters), dict(module._buffers)
+        fused = _sharing(cls, module)
         fused.backend = backends.check_name(backend)
         return fused
 

@@ -127,3 +127,30 @@ def test_replaced_parameters_are_read_at_each_call():
             module.primary_conv[0].weight = nn.Parameter(weight.clone())
             module.short_conv[3] = copy.deepcopy(horizontal_bn)
         assert_close(fused(x), eager(x), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 7, 5), (1, 24, 9, 12), (0, 16, 4, 4)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_squeeze_excite_as_linear_layers_matches_the_reference(shape, layout):
+    """convert turns our SqueezeExcite into ghostfused.nn.SqueezeExcite: same state dict, output, gradients, layout."""
+    n, c, h, w = shape
+    eager = reference.SqueezeExcite(c).double()
+    fused = ghostfused.convert(nn.Sequential(copy.deepcopy(eager)))[0]
+    assert type(fused) is ghostfused.nn.SqueezeExcite
+    assert fused.state_dict().keys() == eager.state_dict().keys()
+    x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=layout)
+    grad = torch.randn(n, c, h, w, dtype=torch.float64)
+    outputs = []
+    for module in (eager, fused):
+        x_leaf = x.clone().requires_grad_()
+        out = module(x_leaf)
+        out.backward(grad)
+        outputs.append((out, x_leaf.grad, *(p.grad for p in module.parameters())))
+    for actual, expected in zip(outputs[1], outputs[0]):
+        assert_close(actual, expected, torch.float64)
+    assert outputs[1][0].stride() == outputs[0][0].stride()
+
+
+def test_converted_bottleneck_gets_the_linear_squeeze_excite():
+    model = ghostfused.convert(nn.Sequential(reference.GhostBottleneckV2(8, 24, 16, se_ratio=0.25, layer_id=2)))
+    assert type(model[0]) is ghostfused.nn.GhostBottleneckV2 and type(model[0].se) is ghostfused.nn.SqueezeExcite

@@ -149,7 +149,8 @@ def providers(config: Config) -> list[Provider]:
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int,
-                     block: int = 1, on_error: Callable[[str, Exception], None] | None = None) -> dict[str, list[float]]:
+                     block: int = 1,
+                     on_error: Callable[[str, Exception], None] | None = None) -> dict[str, list[float]]:
     """Seconds of each of ``iters`` calls of every function in ``calls``, interleaved in blocks: every round calls
     each function ``block`` times in a row, in order, so that a change of the machine's speed while they run
     (another process, the clock) reaches them all alike rather than whichever was being timed; a block of more than
@@ -383,8 +384,8 @@ class _Progress:
 def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True) -> dict:
     """Check and time every provider; returns the JSON file's ``results`` (one row per provider, phase and batch
     size, raw times included; training rows carry ``memory``), ``failures`` and ``roofline`` (None off GPUs).
-    The providers of one measurement are timed interleaved in blocks of ``TIMING_BLOCK`` (:func:`time_interleaved`). ``log`` receives one line per
-    finished measurement."""
+    The providers of one measurement are timed interleaved in blocks of ``TIMING_BLOCK`` (:func:`time_interleaved`).
+    ``log`` receives one line per finished measurement."""
     device, amp_dtype = config.device, AMP_DTYPES[config.dtype]
     if config.dtype == "fp16" and device.type != "cuda":
         raise ValueError("--dtype fp16 needs a GPU (autocast on CPU runs in bf16)")
@@ -459,13 +460,13 @@ def run(config: Config, log: Callable[[str], None] = echo, progress: bool = True
                                  device, config.warmup, config.iters, TIMING_BLOCK, fail)
         record("train", config.train_batch_size, times, errors)
         bar.step(f"training step, batch {config.train_batch_size}", done=True)
-        for row in [row for row in results if row["phase"] == "train" and memory_in_process]:
+        for name, step in list(steps.items()) if memory_in_process else ():
             try:
-                row["memory"] = measure_memory_in_process(functools.partial(steps[row["provider"]], *train_inputs),
-                                                          device)
+                row = next(r for r in results if r["provider"] == name and r["phase"] == "train")
+                row["memory"] = measure_memory_in_process(functools.partial(step, *train_inputs), device)
             except Exception as error:
-                fail(row["provider"], error)
-            bar.step(f"{row['provider']}: memory", done=True)
+                fail(name, error)
+            bar.step(f"{name}: memory", done=True)
     order = {provider.name: i for i, provider in enumerate(provider_list)}
     results.sort(key=lambda row: (order[row["provider"]], row["phase"] == "train"))  # stable: batch sizes in order
     del models, steps

@@ -143,19 +143,20 @@ def update_running_stats(bns: Sequence[BatchNorm], stats_mean: Tensor, stats_var
     buffers = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
     means, variances = stats_mean.detach().split(sizes), stats_var.detach().split(sizes)
     momenta = {bn.momentum for bn in bns}
-    if unobserved(buffers + [stats_mean]) and len(momenta) == 1 and None not in momenta and 1 not in counts:
+    direct = unobserved(buffers + [stats_mean])
+    if direct and len(momenta) == 1 and None not in momenta:
         # Nothing observes the update and the BatchNorms share one momentum: all of them in a few foreach calls
         # (one call per tensor per BatchNorm costs more than a small kernel).
         _update_stats_together(bns, means, variances, counts, momenta.pop())
         return
-    update = _update_stats if unobserved(buffers + [stats_mean]) else batch_norm_update_stats
+    update = _update_stats if direct else batch_norm_update_stats
     for bn, mean, var, count in zip(bns, means, variances, counts):
         update(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var, count, bn.momentum)
 
 
 def _update_stats_together(bns: Sequence[BatchNorm], means: Sequence[Tensor], variances: Sequence[Tensor],
                            counts: Sequence[int], momentum: float) -> None:
-    """:func:`_update_stats` of every BatchNorm of ``bns`` (one momentum, no count of 1) with foreach ops."""
+    """:func:`_update_stats` of every BatchNorm of ``bns`` (one momentum) with foreach ops."""
     torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
     kept = [i for i, count in enumerate(counts) if count > 0]  # an empty batch only counts
     if not kept:

@@ -150,9 +150,9 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
 
     # The op's autograd node for plain eager calls (run_fused_op): the custom op's autograd formula with the forward
     # and backward implementations called directly, without the custom op's dispatcher round trips and argument
-    # flattening (hundreds of microseconds a training call, more than a small kernel). Arguments: the number of
-    # BatchNorms, the leading tensors, bn_weight and bn_bias unpacked (autograd tracks top-level tensors only), then
-    # the schema's other arguments. Named after the op (its grad_fn: GhostAttnBackward).
+    # flattening (they cost more than a small kernel). Arguments: the number of BatchNorms, the leading tensors,
+    # bn_weight and bn_bias unpacked (autograd tracks top-level tensors only), then the schema's other arguments.
+    # Named after the op (its grad_fn: GhostAttnBackward).
     node = type("".join(part.title() for part in name.split("_")), (torch.autograd.Function,),
                 {"forward": staticmethod(node_forward), "backward": staticmethod(node_backward)})
 
@@ -187,11 +187,11 @@ def eval_kernel_output(name: str, backend: str, args) -> Tensor | None:
 
     For the fused modules (``ghostfused.nn``), whose layers were checked when the module was built. ``args``: the
     op's schema arguments without ``backend``, with ``training`` False and no sync group. The public functions'
-    Python checks and the dispatcher round trip cost about 100 us a call, more than the kernel on the small inputs
-    of batch-1 inference; the C++ kernels check every argument themselves (TORCH_CHECK: ranks, shapes, dtypes,
-    devices, with messages naming the argument), so a call that nothing observes (:func:`unobserved`), outside
-    autocast (the public function casts) and ONNX export (the reference runs), skips nothing by going straight to
-    the kernel. Backends without C++ kernels, or without one for this op, return None.
+    Python checks and the dispatcher round trip cost more than the kernel on the small inputs of batch-1 inference
+    (``benchmarks/cpu_ops.py --overhead``); the C++ kernels check every argument themselves (TORCH_CHECK: ranks,
+    shapes, dtypes, devices, with messages naming the argument), so a call that nothing observes
+    (:func:`unobserved`), outside autocast (the public function casts) and ONNX export (the reference runs), skips
+    nothing by going straight to the kernel. Backends without C++ kernels, or without one for this op, return None.
     """
     x = args[0]
     if not isinstance(x, Tensor):

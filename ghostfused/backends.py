@@ -169,7 +169,7 @@ def resolve(name: str, device: torch.device) -> str:
     name = _default if name == "auto" else name
     if torch.compiler.is_compiling():
         return _resolve_constant(name, device.type)
-    return _resolve(name, device.type)
+    return _resolve_cached(name, device.type)
 
 
 def _resolve(name: str, device_type: str) -> str:
@@ -187,6 +187,8 @@ def _resolve(name: str, device_type: str) -> str:
 # Availability does not change within a process, so torch.compile may treat the answer as a constant (outside
 # compilation the wrapper would only cost time).
 _resolve_constant = torch.compiler.assume_constant_result(_resolve)
+# The same answer remembered (a failed resolution raises again): resolve() runs on every fused call.
+_resolve_cached = functools.cache(_resolve)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, ops, reference
-from .ops.batch_norm import BatchNorm, is_fusable, schema_lists, sync_process_group
+from .ops.batch_norm import is_fusable, module_schema_lists, sync_process_group
 from .ops.define import eval_kernel_output
 
 
@@ -31,6 +31,13 @@ def _is_plain_conv(conv, kernel_size, groups, padding) -> bool:
     return (isinstance(conv, nn.Conv2d) and conv.bias is None and conv.kernel_size == kernel_size
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == groups
             and conv.padding == padding and conv.padding_mode == "zeros")
+
+
+def _weight(layer: nn.Module) -> Tensor:
+    """``layer.weight``, read from its parameter dict when it is there (``nn.Module.__getattr__`` costs more; a
+    parametrized layer computes its weight)."""
+    weight = layer._parameters.get("weight")
+    return weight if weight is not None else layer.weight
 
 
 def ghost_module_oup(module: nn.Module) -> int | None:
@@ -125,16 +132,16 @@ class GhostModuleV2(reference.GhostModuleV2):
         short = tuple(modules["short_conv"]._modules.values()) if self.mode == "attn" else ()
         bns = (primary_bn, cheap_bn, *short[1::2])
         training = primary_bn.training
-        if any(bn.training != training for bn in bns) or len({sync_process_group(bn) for bn in bns}) > 1:
+        if any(bn.training != training for bn in bns) or (
+                training and len({sync_process_group(bn) for bn in bns}) > 1):
             return super().forward(x)
         relu = isinstance(primary_act, nn.ReLU)
         if not training:  # inference: the kernel at once where nothing observes the call (eval_kernel_output)
             attn = self.mode == "attn"
-            dfc_weights = (short[0].weight, short[2].weight, short[4].weight) if attn else ()
+            weights = [_weight(layer) for layer in (primary, cheap, *short[0::2])]
             flags = (self.oup, relu, self.upsample) if attn else (self.oup, relu)
             out = eval_kernel_output("ghost_attn" if attn else "ghost_concat", self.backend,
-                                     (x, primary.weight, cheap.weight, *dfc_weights,
-                                      *schema_lists([BatchNorm.of(bn) for bn in bns]), *flags, False, None))
+                                     (x, *weights, *module_schema_lists(bns), *flags, False, None))
             if out is not None:
                 return out
         if self.mode == "original":
@@ -172,7 +179,7 @@ def depthwise_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, backend: str) -> Ten
         return bn(conv(x))
     if not bn.training:
         out = eval_kernel_output("depthwise_bn", resolved,
-                                 (x, conv.weight, *schema_lists([BatchNorm.of(bn)]), conv.stride[0], False, None))
+                                 (x, _weight(conv), *module_schema_lists([bn]), conv.stride[0], False, None))
         if out is not None:
             return out
     return ops.depthwise_bn(x, conv.weight, bn, conv.stride[0], training=bn.training, backend=resolved)

@@ -129,6 +129,24 @@ def test_replaced_parameters_are_read_at_each_call():
         assert_close(fused(x), eager(x), torch.float32)
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_weights_are_computed_at_each_call():
+    """A parametrized layer (torch.nn.utils.parametrize) has no 'weight' parameter: its computed weight is used."""
+    eager = ghost_module(6, 10, dtype=torch.float32).eval()
+    fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
+    for module in (eager, fused):
+        for conv in (module.primary_conv[0], module.short_conv[2]):
+            torch.nn.utils.parametrize.register_parametrization(conv, "weight", _Doubled())
+    x = torch.randn(2, 6, 8, 6)
+    with torch.no_grad():
+        assert "ghostfused_C::ghost_attn_forward" in _ops_run(fused, x)
+        assert_close(fused(x), eager(x), torch.float32)
+
+
 @pytest.mark.parametrize("shape", [(3, 16, 7, 5), (1, 24, 9, 12), (0, 16, 4, 4)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_squeeze_excite_as_linear_layers_matches_the_reference(shape, layout):

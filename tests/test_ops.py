@@ -205,6 +205,9 @@ def test_inference_skips_the_dispatcher_only_when_nothing_observes_the_op(backen
     with torch.no_grad():
         assert direct.unobserved(args)
         assert not direct.unobserved((torch.nn.Parameter(x).as_subclass(_Subclass), "cpu"))
+        assert not direct.unobserved((x, [x, x.as_subclass(_Subclass)], "cpu"))  # inside a tensor list too
+        assert direct.plain_eager((x, [x, x], [1e-5, 1e-3], 3, True, None, "cpu"))
+        assert not direct.plain_eager((x, object()))  # an unknown argument type: the dispatcher decides
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])

@@ -133,6 +133,14 @@ def schema_lists(bns: Sequence[BatchNorm]) -> tuple[list, list, list, list, list
             [bn.running_var for bn in bns], [float(bn.eps) for bn in bns])
 
 
+def module_schema_lists(modules: Sequence[nn.Module]) -> tuple[list, list, list, list, list]:
+    """:func:`schema_lists` of BatchNorm modules, read from their parameter and buffer dicts: the fused modules' eval
+    path, where a :class:`BatchNorm` per module would cost more than a small kernel."""
+    parameters, buffers = [m._parameters for m in modules], [m._buffers for m in modules]
+    return ([p["weight"] for p in parameters], [p["bias"] for p in parameters], [b["running_mean"] for b in buffers],
+            [b["running_var"] for b in buffers], [float(m.eps) for m in modules])
+
+
 def update_running_stats(bns: Sequence[BatchNorm], stats_mean: Tensor, stats_var: Tensor,
                          counts: Sequence[int]) -> None:
     """Apply each BatchNorm's running update from the packed statistics a fused op returned.

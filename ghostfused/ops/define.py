@@ -196,8 +196,9 @@ def eval_kernel_output(name: str, backend: str, args) -> Tensor | None:
     x = args[0]
     if not isinstance(x, Tensor):
         return None
-    resolved = backends.resolve(backend, x.device)
+    device = x.device
+    resolved = backends.resolve(backend, device)
     if (resolved not in _KERNELS_CHECK_ARGUMENTS or name not in backends.KERNEL_OPS[resolved]
-            or torch.is_autocast_enabled(x.device.type) or torch.onnx.is_in_onnx_export() or not unobserved(args)):
+            or torch.is_autocast_enabled(device.type) or not unobserved(args) or torch.onnx.is_in_onnx_export()):
         return None
     return backends.implementation(resolved, name).forward(*args)[0]

@@ -1,12 +1,18 @@
 """When a custom-op call may skip the dispatcher: run its Python implementation directly, or its autograd node.
 
-Both checks run on every call, where a small kernel takes microseconds: one plain loop over the arguments each.
+Both checks run on every call, where a small kernel takes microseconds: the arguments are flattened once and their
+types and ``requires_grad`` flags read by C-level iteration (``map``), not a Python loop per tensor.
 """
+
+import operator
 
 import torch
 from torch import Tensor
 
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+# Argument types of a call that only autograd can see: plain tensors and the schemas' other values. Anything else
+# (a tensor subclass, a SymInt) sends the call through the dispatcher.
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, bool, int, float, str, type(None)))
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def _traced() -> bool:
@@ -15,17 +21,22 @@ def _traced() -> bool:
             or torch._C._are_functorch_transforms_active())
 
 
+def _flat(args) -> list:
+    """``args`` with its lists (tensor lists, float lists) spliced in."""
+    flat = []
+    for arg in args:
+        if type(arg) is list:
+            flat += arg
+        else:
+            flat.append(arg)
+    return flat
+
+
 def plain_eager(args) -> bool:
     """Whether only autograd would see a custom op called with ``args`` (tensors, tensor lists and other values): no
     compiler or tracer, no dispatch mode, functorch transform or tensor subclass. Such a call can run the op's own
     autograd node (``ghostfused.ops.define``) without the dispatcher's round trips into Python."""
-    if _traced():
-        return False
-    for arg in args:
-        for t in (arg if isinstance(arg, list) else (arg,)):
-            if isinstance(t, Tensor) and type(t) not in _PLAIN_TENSOR_TYPES:
-                return False
-    return True
+    return not _traced() and _PLAIN_TYPES.issuperset(map(type, _flat(args)))
 
 
 def unobserved(args) -> bool:
@@ -33,9 +44,7 @@ def unobserved(args) -> bool:
     record (no tensor needs a gradient, or grad mode is off). Such a call can run the op's implementation directly."""
     if _traced():
         return False
-    grad_enabled = torch.is_grad_enabled()
-    for arg in args:
-        for t in (arg if isinstance(arg, list) else (arg,)):
-            if isinstance(t, Tensor) and (type(t) not in _PLAIN_TENSOR_TYPES or grad_enabled and t.requires_grad):
-                return False
-    return True
+    flat = _flat(args)
+    if not _PLAIN_TYPES.issuperset(map(type, flat)):
+        return False
+    return not torch.is_grad_enabled() or not any(map(_requires_grad, (t for t in flat if isinstance(t, Tensor))))

@@ -169,15 +169,26 @@ def depthwise_bn_reason(conv: nn.Module, bn: nn.Module) -> str | None:
     return None
 
 
+# Eval outputs of fewer values per plane than this run the layers: the cpu kernel works one plane at a time, and on
+# GhostNetV2's 7x7 outputs (14x14 inputs at stride 2) oneDNN's channel-blocked convolution was faster at batch 8
+# (benchmarks/cpu_ops.py --depthwise: 0.50x for 672 channels, 0.85x for 112), level or behind at batch 1.
+_EVAL_KERNEL_MIN_PLANE = 64
+
+
 def depthwise_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, backend: str) -> Tensor:
     """``bn(conv(x))`` for a pair that :func:`depthwise_bn_reason` accepts: ``ghostfused.ops.depthwise_bn`` where
     the backend has a kernel for it (``backends.KERNEL_OPS``; the ``cpu`` backend, NCHW inputs), else the layers
-    themselves (cuDNN on GPUs and oneDNN in channels_last are fast; the op would only add its call cost)."""
+    themselves (cuDNN on GPUs and oneDNN in channels_last are fast; the op would only add its call cost), as in
+    eval for small output planes (``_EVAL_KERNEL_MIN_PLANE``)."""
     resolved = backends.resolve(backend, x.device)
     if resolved == "eager" or "depthwise_bn" not in backends.KERNEL_OPS[resolved] \
             or reference.memory_format_of(x) == torch.channels_last:
         return bn(conv(x))
     if not bn.training:
+        stride = conv.stride[0]
+        if x.dim() == 4 and ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1) \
+                < _EVAL_KERNEL_MIN_PLANE:
+            return bn(conv(x))
         out = eval_kernel_output("depthwise_bn", resolved,
                                  (x, _weight(conv), *module_schema_lists([bn]), conv.stride[0], False, None))
         if out is not None:

@@ -60,29 +60,19 @@ def test_eval_ghost_module_runs_the_kernel_directly(shape, mode, upsample, layou
     assert_close(out, expected, dtype, f"{mode} {shape}")
 
 
-def test_eval_depthwise_pairs_run_the_kernel_directly():
-    """The bottleneck's strided depthwise + BatchNorm and its shortcut's pair, in a converted bottleneck."""
+@pytest.mark.parametrize("size, kernel", [((17, 19), True), ((14, 13), False)], ids=["9x10-outputs", "7x7-outputs"])
+def test_eval_depthwise_pairs(size, kernel):
+    """The bottleneck's strided depthwise + BatchNorm and its shortcut's pair, in a converted bottleneck: in eval the
+    kernel at once, except for outputs under 64 values per plane (7x7 here), which run the layers; training runs
+    the op."""
     eager = randomize_batch_norms(reference.GhostBottleneckV2(6, 12, 8, dw_kernel_size=3, stride=2,
                                                                layer_id=1)).eval()
     fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
-    x = torch.randn(2, 6, 17, 19)
+    x = torch.randn(2, 6, *size)
     with torch.no_grad():
         names = _ops_run(fused, x)
-        out = fused(x)
-        expected = eager(x)
-    assert "ghostfused_C::depthwise_bn_forward" in names and "ghostfused::depthwise_bn" not in names
-    assert_close(out, expected, torch.float32)
-
-
-def test_eval_depthwise_pairs_with_small_outputs_run_the_layers():
-    """Eval outputs under 64 values per plane (7x7 here) run the layers themselves; training runs the op."""
-    eager = randomize_batch_norms(reference.GhostBottleneckV2(6, 12, 8, dw_kernel_size=3, stride=2,
-                                                               layer_id=1)).eval()
-    fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
-    x = torch.randn(2, 6, 14, 13)
-    with torch.no_grad():
-        assert not any("depthwise_bn" in name for name in _ops_run(fused, x))
         assert_close(fused(x), eager(x), torch.float32)
+        assert ("ghostfused_C::depthwise_bn_forward" in names) == kernel and "ghostfused::depthwise_bn" not in names
         assert "ghostfused_C::depthwise_bn_forward" in _ops_run(fused.train(), x)
 
 

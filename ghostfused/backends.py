@@ -219,28 +219,53 @@ def _saving_nothing(forward: Callable, backward: Callable) -> Implementation:
     return Implementation(forward_saving_nothing, lambda grad_out, saved, *args: backward(grad_out, *args))
 
 
-def _autograd_backward(forward: Callable, grad_out: torch.Tensor, *args):
-    """Backward of the eager backend: the vector-Jacobian product of the reference forward (``torch.func.vjp``,
-    which works below the autograd dispatch key that custom-op implementations run under).
+# The dispatch keys autograd records through. A custom op's implementation without an autograd formula of its own
+# (the backward ops), and any op a dispatch mode such as FlopCounterMode runs, is called with them excluded.
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                  torch._C.DispatchKey.AutogradNestedTensor, torch._C.DispatchKey.ADInplaceOrView)
 
-    ``args`` are the forward's arguments (with the saved statistics in place of the running ones). Returns the
-    gradients of its top-level tensor arguments, then those of ``bn_weight`` and ``bn_bias`` (the first two tensor
-    lists), each packed into one tensor like the forward's statistics.
+
+@contextlib.contextmanager
+def _recording_autograd() -> Iterator[None]:
+    """Within the block, autograd records (grad mode on, its dispatch keys not excluded), and the saved-tensor hooks
+    of whoever called are not applied to the graph recorded here: it never leaves the block."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    # Where hooks are disabled (functorch transforms), none can be active and none may be pushed.
+    shield = torch.autograd.graph.saved_tensors_hooks(_identity, _identity) \
+        if torch._C._autograd._saved_tensors_hooks_is_enabled() else contextlib.nullcontext()
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad(), shield:
+        yield
+
+
+def _identity(t):
+    return t
+
+
+def _autograd_backward(forward: Callable, grad_out: torch.Tensor, *args):
+    """Backward of the eager backend: autograd through the reference forward, recomputed from detached copies of
+    its differentiable arguments (x, the weights, ``bn_weight`` and ``bn_bias``).
+
+    Plain autograd (not ``torch.func.vjp``) so that it runs wherever the backward does: below the custom op's
+    dispatch, under a dispatch mode (FlopCounterMode), with saved-tensor hooks active. ``args`` are the forward's
+    arguments (with the saved statistics in place of the running ones). Returns the gradients of its top-level tensor
+    arguments, then those of ``bn_weight`` and ``bn_bias`` (the first two tensor lists), each packed into one tensor
+    like the forward's statistics.
     """
     tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    list_at = [i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and a and
-               isinstance(a[0], torch.Tensor)][:2]
-
-    def output(tensors, bn_weight, bn_bias):
-        call = list(args)
-        for i, t in zip(tensor_at, tensors):
-            call[i] = t
-        call[list_at[0]], call[list_at[1]] = bn_weight, bn_bias
-        return forward(*call)[0]
-
-    primals = ([args[i] for i in tensor_at], list(args[list_at[0]]), list(args[list_at[1]]))
-    _, vjp = torch.func.vjp(output, *primals)
-    grad_tensors, grad_bn_weight, grad_bn_bias = vjp(grad_out)
+    weight_at, bias_at = [i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and a and
+                          isinstance(a[0], torch.Tensor)][:2]
+    with _recording_autograd():
+        call = [a.detach().requires_grad_() if i in tensor_at else a for i, a in enumerate(args)]
+        call[weight_at] = [t.detach().requires_grad_() for t in args[weight_at]]
+        call[bias_at] = [t.detach().requires_grad_() for t in args[bias_at]]
+        inputs = [call[i] for i in tensor_at] + call[weight_at] + call[bias_at]
+        grads = torch.autograd.grad(forward(*call)[0], inputs, grad_out, allow_unused=True, materialize_grads=True)
+    grad_tensors = grads[:len(tensor_at)]
+    grad_bn_weight = grads[len(tensor_at):len(tensor_at) + len(args[weight_at])]
+    grad_bn_bias = grads[len(tensor_at) + len(args[weight_at]):]
     stats_dtype = torch.float64 if args[0].dtype == torch.float64 else torch.float32
     return (*grad_tensors, torch.cat([g.to(stats_dtype) for g in grad_bn_weight]),
             torch.cat([g.to(stats_dtype) for g in grad_bn_bias]))

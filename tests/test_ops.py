@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -210,13 +211,12 @@ def test_inference_skips_the_dispatcher_only_when_nothing_observes_the_op(backen
         assert not direct.plain_eager((x, object()))  # an unknown argument type: the dispatcher decides
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["original", "attn"])
 def test_eager_training_runs_the_ops_own_autograd_node(backend, mode):
     """A plain eager training call runs the op's own autograd.Function (its grad_fn named after the op), not the
     custom op's autograd wrapper; under a dispatch mode the custom op runs. Both give the same output, gradients
-    and running statistics, bit for bit. A second-order gradient raises (neither backward is differentiable).
-    Not the eager backend: its backward (torch.func.vjp of the reference) does not run under a dispatch mode."""
+    and running statistics, bit for bit. A second-order gradient raises (neither backward is differentiable)."""
     reference = ghost_module(3, 5, mode=mode, dtype=torch.float64).train()
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
     grad = torch.randn(2, 5, 6, 7, dtype=torch.float64)
@@ -256,6 +256,29 @@ def test_activation_checkpointing_gives_the_same_gradients(backend):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(x_leaf.grad, expected_dx, rtol=1e-12, atol=1e-12)
     for (name, p), q in zip(checkpointed.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("context", ["flop_counter", "identity_hooks", "save_on_cpu"])
+def test_training_step_under_modes_and_saved_tensor_hooks(backend, context):
+    """A training step under FlopCounterMode (a dispatch mode: the custom ops run) or with saved-tensor hooks active
+    through forward and backward gives the plain step's output and gradients."""
+    reference = ghost_module(3, 5, mode="attn", dtype=torch.float64).train()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    grad = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    plain, observed = fused_copy(reference, backend), fused_copy(reference, backend)
+    expected, expected_dx = run_step(plain, x, grad)
+    contexts = {"flop_counter": lambda: FlopCounterMode(display=False),
+                "identity_hooks": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+                "save_on_cpu": torch.autograd.graph.save_on_cpu}
+    x_leaf = x.clone().requires_grad_()
+    with contexts[context]():
+        out = observed(x_leaf)
+        out.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(x_leaf.grad, expected_dx, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(observed.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 

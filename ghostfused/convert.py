@@ -5,8 +5,8 @@ import warnings
 import torch.nn as nn
 
 from . import backends, reference
-from .nn import (DepthwiseBNSequential, GhostBottleneckV2, GhostModuleV2, SqueezeExcite, depthwise_bn_reason,
-                 unfusable_reason)
+from .nn import (ConvBnAct, DepthwiseBNSequential, GhostBottleneckV2, GhostModuleV2, GhostNetV2, SqueezeExcite,
+                 depthwise_bn_reason, unfusable_reason)
 
 
 def is_ghost_module(module: nn.Module) -> bool:
@@ -58,6 +58,8 @@ def _fused_layers(module: nn.Module, backend: str) -> nn.Module:
         return DepthwiseBNSequential.from_module(module, backend)
     if type(module) is reference.SqueezeExcite:
         return SqueezeExcite.from_module(module)
+    if type(module) is reference.ConvBnAct:
+        return ConvBnAct.from_module(module)
     return module
 
 
@@ -71,8 +73,11 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     become :class:`ghostfused.nn.GhostBottleneckV2` (``conv_dw`` + ``bn_dw`` as one op), and every plain
     ``nn.Sequential`` holding a depthwise convolution followed by a BatchNorm (GhostNetV2's shortcut, in ours and
     timm's models alike) a :class:`ghostfused.nn.DepthwiseBNSequential`; our SqueezeExcite modules compute their
-    1x1 convolutions as linear layers (:class:`ghostfused.nn.SqueezeExcite`). The fused modules share the originals'
-    parameter and buffer tensors, so state-dict keys and values are unchanged, as are outputs and gradients.
+    1x1 convolutions as linear layers (:class:`ghostfused.nn.SqueezeExcite`), our ConvBnAct modules fold their
+    BatchNorm in eval mode (:class:`ghostfused.nn.ConvBnAct`), and our GhostNetV2 model becomes, in place, a
+    :class:`ghostfused.nn.GhostNetV2` (its stem folded in eval mode, its head as a linear layer). The fused modules
+    share the originals' parameter and buffer tensors, so state-dict keys and values are unchanged, as are outputs
+    and gradients.
     ``backend`` is 'auto', 'eager', 'triton', 'cpu' or 'cuda'. Returns ``model`` (or the fused module when ``model``
     is itself a Ghost module).
     """
@@ -88,4 +93,6 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     # pass then replaces in it.
     _replace_children(model, lambda child, name: _fused_bottleneck(child, backend))
     _replace_children(model, lambda child, name: _fused_layers(child, backend))
+    if type(model) is reference.GhostNetV2:
+        model.__class__ = GhostNetV2  # in place: the subclass adds a forward (its stem and head), no state
     return model

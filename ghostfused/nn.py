@@ -294,3 +294,47 @@ class GhostBottleneckV2(reference.GhostBottleneckV2):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
+    """``bn(conv(x))``; in eval mode one convolution with the BatchNorm folded into its weight and bias, which saves
+    the BatchNorm's pass over the output (the folded weight is computed at each call: nothing goes stale).
+    ``[N, Cin, H, W] -> [N, Cout, H', W']``, any float dtype, laid out as the convolution lays it out."""
+    if bn.training or not is_fusable(bn) or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    bias = shift if conv.bias is None else shift + conv.bias * scale
+    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
+class ConvBnAct(reference.ConvBnAct):
+    """:class:`ghostfused.reference.ConvBnAct` with its BatchNorm folded into the convolution in eval mode
+    (:func:`conv_bn`). Same attributes and state dict. ``[N, in_chs, H, W] -> [N, out_chs, H', W']``."""
+
+    @classmethod
+    def from_module(cls, module: reference.ConvBnAct) -> "ConvBnAct":
+        """A module sharing ``module``'s submodules."""
+        return _sharing(cls, module)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act1(conv_bn(self.conv, self.bn1, x))
+
+
+class GhostNetV2(reference.GhostNetV2):
+    """:class:`ghostfused.reference.GhostNetV2` whose stem folds its BatchNorm into the convolution in eval mode
+    (:func:`conv_bn`) and whose ``conv_head``, a 1x1 convolution of the pooled vector, runs as a linear layer (ATen's
+    convolution takes its unbatched slow path for one-pixel inputs). ``convert`` gives our GhostNetV2 models this
+    class in place (the subclass adds no state). ``[N, 3, H, W] -> [N, num_classes]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.global_pool(self.blocks(self.act1(conv_bn(self.conv_stem, self.bn1, x))))
+        head = self.conv_head
+        if x.shape[-2:] == (1, 1) and type(head) is nn.Conv2d and head.kernel_size == (1, 1) and head.groups == 1:
+            x = self.act2(F.linear(x.flatten(1), head.weight.flatten(1), head.bias))
+        else:
+            x = self.act2(head(x)).flatten(1)
+        if self.dropout > 0:
+            x = F.dropout(x, p=self.dropout, training=self.training)
+        return self.classifier(x)

@@ -109,6 +109,45 @@ def test_convert_whole_model_matches_eager():
     torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_converted_model_stem_and_head(training, layout):
+    """Our GhostNetV2 becomes ghostfused.nn.GhostNetV2 in place (stem folded in eval, head as a linear layer) and
+    its final ConvBnAct a ghostfused.nn.ConvBnAct: outputs, input and parameter gradients, and state dict as the
+    reference, in both modes and layouts."""
+    model = randomize_batch_norms(ghostnetv2(0.5, num_classes=7, dropout=0.0, backend=None)).double().train(training)
+    keys = list(model.state_dict())
+    fused = ghostfused.convert(copy.deepcopy(model), backend="eager")
+    assert type(fused) is ghostfused.nn.GhostNetV2 and type(fused.blocks[-1][0]) is ghostfused.nn.ConvBnAct
+    assert list(fused.state_dict()) == keys
+    x = torch.randn(3, 3, 37, 45, dtype=torch.float64).contiguous(memory_format=layout)
+    assert_step_matches(model, fused, x, torch.randn(3, 7, dtype=torch.float64))
+    for (name, p), q in zip(fused.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_bn_folds_in_eval_only(bias):
+    """ghostfused.nn.conv_bn: in eval one convolution with the BatchNorm folded (no batch_norm op runs), equal to the
+    layers, gradients included; in training the layers themselves (batch statistics, running updates)."""
+    conv = nn.Conv2d(4, 6, 3, 2, 1, bias=bias).double()
+    bn = randomize_batch_norms(nn.BatchNorm2d(6)).double().eval()
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    with torch.profiler.profile() as profile:
+        out = ghostfused.nn.conv_bn(conv, bn, x)
+    assert not any("batch_norm" in event.name for event in profile.events())
+    expected = bn(conv(x))
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.sum(), [x, conv.weight, bn.weight, bn.bias])
+    for actual, wanted in zip(grads, torch.autograd.grad(expected.sum(), [x, conv.weight, bn.weight, bn.bias])):
+        torch.testing.assert_close(actual, wanted)
+    bn.train()
+    running = bn.running_mean.clone()
+    torch.testing.assert_close(ghostfused.nn.conv_bn(conv, bn, x), F.batch_norm(conv(x), None, None, bn.weight,
+                                                                                  bn.bias, training=True))
+    assert not torch.equal(bn.running_mean, running)
+
+
 def test_unfusable_module_stays_with_one_warning():
     model = nn.Sequential(reference.GhostModuleV2(4, 6, kernel_size=3), reference.GhostModuleV2(6, 6))
     with warnings.catch_warnings(record=True) as caught:

@@ -130,7 +130,7 @@ template <typename T>
 std::vector<Moments> cheap_moments(const GhostBranch<T>& g) {
   const GhostSizes& s = g.sizes;
   const int64_t size = s.height * s.width, taps = s.dw * s.dw;
-  const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
+  const T* cheap_weight = g.cheap_taps;
   std::vector<Moments> partials(s.batch * s.cheap);
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(s, s.height, true);
@@ -158,7 +158,7 @@ GradSums cheap_channel_grad(const GhostBranch<T>& g, int64_t n, int64_t j, const
   const GhostSizes& s = g.sizes;
   const int64_t och = s.init + j, size = s.height * s.width;
   T* y2 = sc.y2.data();
-  depthwise_rows(sc.a1, g.cheap_weight.template data_ptr<T>() + j * s.dw * s.dw, 0, s.height, sc.conv.data(),
+  depthwise_rows(sc.a1, g.cheap_taps + j * s.dw * s.dw, 0, s.height, sc.conv.data(),
                  [&](int64_t q, T v) { y2[q] = v; });
   const Affine<T> bn = g.cheap_affine[j];
   const bool relu = g.relu;
@@ -234,9 +234,10 @@ GhostBranch<T> ghost_branch(const at::Tensor& x, const at::Tensor& primary_weigh
                 " contiguous values of ", dtype, ", got ", saved_y1.numel(), " of ", saved_y1.scalar_type());
     g.y1 = nhwc ? saved_y1.view({s.init, s.batch * size}) : saved_y1.view({s.batch, s.init, size});
   }
+  g.y1_data = g.y1.template data_ptr<T>();
+  g.cheap_taps = g.cheap_weight.template data_ptr<T>();
   if (batch_statistics)
-    set_batch_statistics(g.primary_bn,
-                         channel_moments(g.y1.template data_ptr<T>(), s.batch, s.init, size, g.y1_layout));
+    set_batch_statistics(g.primary_bn, channel_moments(g.y1_data, s.batch, s.init, size, g.y1_layout));
   g.primary_affine = folded<T>(g.primary_bn);
   if (batch_statistics) set_batch_statistics(g.cheap_bn, cheap_moments(g));
   g.cheap_affine = folded<T>(g.cheap_bn);
@@ -254,7 +255,7 @@ template <typename T>
 void ghost_write_nchw(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   const GhostSizes& s = g.sizes;
   const int64_t size = s.height * s.width, taps = s.dw * s.dw, pad = s.dw / 2;
-  const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
+  const T* cheap_weight = g.cheap_taps;
   const int64_t block = std::clamp<int64_t>(kBlockElements / std::max<int64_t>(s.width, 1), 1, s.height);
   const bool relu = g.relu;
   at::parallel_for(0, s.batch * s.init, 1, [&](int64_t begin, int64_t end) {
@@ -453,7 +454,7 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
   // One pass per primary plane: the cheap channels' backward (BatchNorm, weight gradient, transposed convolution
   // into a1's gradient), then the primary channel's (gate, activation). y1_grad (laid out like y1) holds the
   // gradient of the primary BatchNorm's output (training) or of y1 itself (eval).
-  const T* cheap_weight = g.cheap_weight.template data_ptr<T>();
+  const T* cheap_weight = g.cheap_taps;
   at::Tensor y1_grad = at::empty_like(g.y1);
   T* y1_grad_data = y1_grad.template data_ptr<T>();
   std::vector<GradSums> cheap_partials(s.batch * s.cheap, GradSums{0, 0});

@@ -19,8 +19,11 @@ struct GhostBranch {
   PlaneLayout y1_layout;
   BatchNorm primary_bn, cheap_bn;  // with the statistics they normalise with
   std::vector<Affine<T>> primary_affine, cheap_affine;
+  // y1's and cheap_weight's data, read per plane (Tensor::data_ptr checks the tensor at every call)
+  const T* y1_data = nullptr;
+  const T* cheap_taps = nullptr;
 
-  const T* y1_plane(int64_t n, int64_t c) const { return y1.template data_ptr<T>() + y1_layout.offset(n, c); }
+  const T* y1_plane(int64_t n, int64_t c) const { return y1_data + y1_layout.offset(n, c); }
 };
 
 // The primary convolution y1 and the BatchNorms' statistics: the batch statistics when batch_statistics (one

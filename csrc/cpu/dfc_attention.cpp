@@ -8,6 +8,16 @@
 namespace ghostfused::cpu {
 namespace {
 
+// A depthwise weight [C, 1, 1, K] or [C, 1, K, 1] as [K, C]: tap b of every channel contiguous. Transposed by a
+// plain loop (ATen's transposed copy took about 12 us for 960 channels, more than this whole gate at batch 1).
+template <typename T>
+at::Tensor taps_by_position(const at::Tensor& weight, int64_t channels, int64_t k) {
+  const at::Tensor src = dense(weight, c10::CppTypeToScalarType<T>::value);
+  at::Tensor out = at::empty({k, channels}, src.options());
+  transpose(src.template data_ptr<T>(), channels, k, k, out.template data_ptr<T>(), channels);
+  return out;
+}
+
 // Channels per task of the quarter-resolution passes (tasks are (sample, channel block) pairs).
 constexpr int64_t kChannelBlock = 128;
 
@@ -350,8 +360,8 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   const int64_t channels = sizes.channels, k = sizes.kernel;
   const Quarter q{sizes.pooled_h, sizes.pooled_w, sizes.pooled_h * sizes.pooled_w, channels, static_cast<int>(k)};
   g.conv_weight = dense(conv_weight, dtype).view({channels, g.in_channels});
-  g.horizontal_taps = dense(horizontal_weight, dtype).view({channels, k}).t().contiguous();
-  g.vertical_taps = dense(vertical_weight, dtype).view({channels, k}).t().contiguous();
+  g.horizontal_taps = taps_by_position<T>(horizontal_weight, channels, k);
+  g.vertical_taps = taps_by_position<T>(vertical_weight, channels, k);
   g.bns = std::move(bns);
   g.nhwc = x.scalar_type() == dtype && takes_nhwc_path(x);
   g.pooled = g.nhwc ? average_pool_nhwc<T>(x, g.batch, g.in_channels, g.height, g.width)

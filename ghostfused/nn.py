@@ -17,6 +17,7 @@ from torch import Tensor
 from . import backends, ops, reference
 from .ops.batch_norm import is_fusable, module_schema_lists, sync_process_group
 from .ops.define import eval_kernel_output
+from .ops.depthwise_bn import output_size
 
 
 def _activation_kind(module: nn.Module) -> str | None:
@@ -171,7 +172,8 @@ def depthwise_bn_reason(conv: nn.Module, bn: nn.Module) -> str | None:
 
 # Eval outputs of fewer values per plane than this run the layers: the cpu kernel works one plane at a time, and on
 # GhostNetV2's 7x7 outputs (14x14 inputs at stride 2) oneDNN's channel-blocked convolution was faster at batch 8
-# (benchmarks/cpu_ops.py --depthwise: 0.50x for 672 channels, 0.85x for 112), level or behind at batch 1.
+# (benchmarks/cpu_ops.py --depthwise, benchmarks/results/cpu-20261205-184641: the kernel at 0.53x for 672 channels,
+# 0.88x for 112), level or behind at batch 1.
 _EVAL_KERNEL_MIN_PLANE = 64
 
 
@@ -186,8 +188,7 @@ def depthwise_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, backend: str) -> Ten
         return bn(conv(x))
     if not bn.training:
         stride = conv.stride[0]
-        if x.dim() == 4 and ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1) \
-                < _EVAL_KERNEL_MIN_PLANE:
+        if x.dim() == 4 and output_size(x.shape[2], stride) * output_size(x.shape[3], stride) < _EVAL_KERNEL_MIN_PLANE:
             return bn(conv(x))
         out = eval_kernel_output("depthwise_bn", resolved,
                                  (x, _weight(conv), *module_schema_lists([bn]), conv.stride[0], False, None))

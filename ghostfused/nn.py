@@ -303,8 +303,7 @@ def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
     ``[N, Cin, H, W] -> [N, Cout, H', W']``, any float dtype, laid out as the convolution lays it out."""
     if bn.training or not is_fusable(bn) or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
         return bn(conv(x))
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = reference.batch_norm_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
     bias = shift if conv.bias is None else shift + conv.bias * scale
     return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation,
                     conv.groups)
@@ -332,7 +331,8 @@ class GhostNetV2(reference.GhostNetV2):
     def forward(self, x: Tensor) -> Tensor:
         x = self.global_pool(self.blocks(self.act1(conv_bn(self.conv_stem, self.bn1, x))))
         head = self.conv_head
-        if x.shape[-2:] == (1, 1) and type(head) is nn.Conv2d and head.kernel_size == (1, 1) and head.groups == 1:
+        if (x.shape[-2:] == (1, 1) and type(head) is nn.Conv2d and head.kernel_size == (1, 1) and head.groups == 1
+                and head.padding == (0, 0)):
             x = self.act2(F.linear(x.flatten(1), head.weight.flatten(1), head.bias))
         else:
             x = self.act2(head(x)).flatten(1)

@@ -252,6 +252,13 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def batch_norm_affine(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(scale, shift)`` of a BatchNorm with statistics ``mean``, ``var`` [C]:
+    ``y = x * scale + shift``."""
+    scale = weight * torch.rsqrt(var + eps)
+    return scale, bias - mean * scale
+
+
 def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float,
                 training: bool, sync_group: str | None) -> tuple[Tensor, Tensor, Tensor]:
     """BatchNorm as ``nn.BatchNorm2d`` computes it (``nn.SyncBatchNorm`` over the process group named
@@ -265,8 +272,7 @@ def _batch_norm(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tens
             local_var, local_mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
         group_mean, group_var = distributed.group_moments(local_mean, local_var, x.numel() // x.shape[1],
                                                           sync_group)
-        scale = weight.to(acc) * torch.rsqrt(group_var.to(acc) + eps)
-        shift = bias.to(acc) - group_mean.to(acc) * scale
+        scale, shift = batch_norm_affine(weight.to(acc), bias.to(acc), group_mean.to(acc), group_var.to(acc), eps)
         y = (x.to(acc) * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
         return y, group_mean.detach().to(acc), group_var.detach().to(acc)
     if training:

@@ -213,16 +213,17 @@ void block_grad_sums(const T* grad, const T* z, const Quarter& q, const Block& b
   for (int64_t c = 0; c < b.cb; ++c) partials[b.n * q.channels + b.c0 + c] = {dy[c], dy_centered[c]};
 }
 
-// Per-thread buffers: three [L, cb] blocks and the per-channel coefficient vectors of one block.
+// Per-thread buffers: three [L, block] arrays and the per-channel coefficient vectors of one block (sized by the
+// block, not kChannelBlock: zeroing unused buffers showed in batch-1 profiles).
 template <typename T>
 struct Scratch {
   std::vector<T> u, z, grad;
   std::vector<T> a, b, c;
   std::vector<double> taps_grad;
 
-  Scratch(const Quarter& q, bool backward)
-      : u(q.size * kChannelBlock), z(q.size * kChannelBlock), grad(backward ? q.size * kChannelBlock : 0),
-        a(kChannelBlock), b(kChannelBlock), c(kChannelBlock), taps_grad(backward ? q.k * kChannelBlock : 0) {}
+  Scratch(const Quarter& q, int64_t block, bool backward)
+      : u(q.size * block), z(q.size * block), grad(backward ? q.size * block : 0), a(block), b(block), c(block),
+        taps_grad(backward ? q.k * block : 0) {}
 
   // The backward coefficients of the block's channels as vectors.
   void set_coefficients(const std::vector<BatchNormGrad<T>>& k, const Block& blk) {
@@ -241,7 +242,7 @@ void for_each_block(const Quarter& q, int64_t batch, bool backward, const Body& 
   const int64_t size = block_size(batch, q.channels);
   const int64_t tasks = batch * ((q.channels + size - 1) / size);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(q, backward);
+    Scratch<T> sc(q, size, backward);
     for (int64_t task = begin; task < end; ++task) body(block_of(task, size, q.channels), sc);
   });
 }

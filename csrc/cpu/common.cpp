@@ -10,11 +10,15 @@ at::ScalarType compute_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The common case (already dense, in dtype) returns t without a dispatcher call: a small kernel's fixed cost is
+// mostly such calls, and the kernels run below autograd, so t's autograd metadata does not matter to them.
 at::Tensor dense(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
   return t.detach().to(dtype).contiguous();
 }
 
 at::Tensor dense_channels_last(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
   return t.detach().to(dtype).contiguous(at::MemoryFormat::ChannelsLast);
 }
 
@@ -23,7 +27,9 @@ bool takes_nhwc_path(const at::Tensor& x) {
 }
 
 at::Tensor as_output(const at::Tensor& out, const at::Tensor& x) {
-  return out.to(x.scalar_type()).contiguous(memory_format_of(x));
+  const at::MemoryFormat format = memory_format_of(x);
+  if (out.scalar_type() == x.scalar_type() && out.is_contiguous(format)) return out;
+  return out.to(x.scalar_type()).contiguous(format);
 }
 
 namespace {

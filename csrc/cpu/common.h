@@ -349,6 +349,7 @@ struct Gate {
   const T* data;
   int64_t channels, h, w, H, W;
   bool nearest;
+  bool doubled_columns;  // nearest with W == 2 * w: column j reads j / 2, copied in pairs instead of gathered
   std::vector<int64_t> row_source, col_source, col_begin;  // nearest: source row / column; columns per source column
   std::vector<BilinearTap<T>> row_taps, col_taps;          // bilinear
 

@@ -199,7 +199,8 @@ def depthwise_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, backend: str) -> Ten
 
 class DepthwiseBNSequential(nn.Sequential):
     """An ``nn.Sequential`` whose (depthwise convolution, BatchNorm) pairs run as one op (:func:`depthwise_bn`),
-    such as GhostNetV2's shortcut ``Sequential(dwconv, BN, conv1x1, BN)``. Same children, so the same state dict.
+    such as GhostNetV2's shortcut ``Sequential(dwconv, BN, conv1x1, BN)``; its other (convolution, BatchNorm) pairs
+    run through :func:`conv_bn` (one folded convolution in eval). Same children, so the same state dict.
     ``[N, C, H, W] -> `` whatever the layers give."""
 
     @classmethod
@@ -220,6 +221,9 @@ class DepthwiseBNSequential(nn.Sequential):
         while i < len(layers):
             if i in self.pairs:
                 x = depthwise_bn(layers[i], layers[i + 1], x, self.backend)
+                i += 2
+            elif i + 1 < len(layers) and isinstance(layers[i], nn.Conv2d) and is_fusable(layers[i + 1]):
+                x = conv_bn(layers[i], layers[i + 1], x)
                 i += 2
             else:
                 x = layers[i](x)

@@ -201,7 +201,8 @@ def test_converted_bottleneck_matches_reference(backend, training):
 
 def test_convert_fuses_any_sequential_pair_and_the_cpu_kernel_runs():
     """Any plain Sequential's (depthwise conv, BatchNorm) pairs are fused, other layers kept; on the cpu backend the
-    op's kernel computes them (NCHW), and the layers themselves in channels_last."""
+    op's kernel computes them (NCHW), and the layers themselves in channels_last. The other (conv, BatchNorm) pair is
+    one folded convolution in eval (no BatchNorm runs at all in NCHW)."""
     if "cpu" not in BACKENDS:
         pytest.skip("the cpu backend is not built")
     model = nn.Sequential(nn.Conv2d(4, 4, 3, 2, 1, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
@@ -215,6 +216,7 @@ def test_convert_fuses_any_sequential_pair_and_the_cpu_kernel_runs():
             out = fused(x.contiguous(memory_format=layout))
         names = {event.name for event in profile.events()}
         assert ("ghostfused_C::depthwise_bn_forward" in names) == (layout == torch.contiguous_format)
+        assert ("aten::batch_norm" in names) == (layout == torch.channels_last)
         torch.testing.assert_close(out, eager(x), rtol=2e-4, atol=2e-4)
 
 

@@ -1,5 +1,6 @@
 #include "glue.h"
 
+#include "cpu/block_cache.h"
 #include "ghostfused/depthwise.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -19,7 +20,8 @@ bool poison_outputs() {
 }
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat memory_format) {
-  at::Tensor out = at::empty(sizes, options.memory_format(memory_format));
+  at::Tensor out = options.device().is_cpu() ? cpu::cached_empty(sizes, options, memory_format)
+                                             : at::empty(sizes, options.memory_format(memory_format));
   if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
   return out;
 }

@@ -8,6 +8,7 @@
 // torch.ops.ghostfused_C.<op>_forward / _backward and the dispatcher picks by device.
 #include <torch/extension.h>
 
+#include "cpu/block_cache.h"
 #include "ghostfused/batch_norm.h"
 #include "ghostfused/depthwise.h"
 #include "ghostfused/index_maps.h"
@@ -70,6 +71,14 @@ at::Tensor depthwise_reference(const at::Tensor& plane, const at::Tensor& taps, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", [] { return GHOSTFUSED_WITH_CUDA != 0; },
         "Whether the extension was compiled with its CUDA kernels.");
+  m.def("_cpu_block_cache_info", [] {
+        const ghostfused::cpu::BlockCacheInfo info = ghostfused::cpu::block_cache_info();
+        return std::make_tuple(info.idle_bytes, info.limit_bytes, info.reused);
+      },
+      "The CPU kernels' block cache (csrc/cpu/block_cache.h): (idle bytes, their bound, requests served from idle "
+      "blocks).");
+  m.def("_cpu_block_cache_clear", &ghostfused::cpu::block_cache_clear,
+        "Free the idle blocks of the CPU kernels' block cache.");
   m.def("_pooled_size", &ghostfused::pooled_size, "Shared math (tests): size after the 2x2 average pooling.");
   m.def("_nearest_source_index", &ghostfused::nearest_source_index,
         "Shared math (tests): source index of output index i for nearest upsampling (i, in_size, out_size).");

@@ -542,3 +542,53 @@ def test_raw_kernel_rejects_bad_input(bad_input_results, case):
     assert kind.endswith("(RuntimeError)"), f"{case}: expected a RuntimeError, got {kind}: {message}"
     assert BAD_INPUT_CASES[case] in message, f"{case}: unexpected message {message!r}"
     assert "ghostfused_C::" in message, f"{case}: the message should name the op: {message!r}"
+
+
+# The block cache of the CPU kernels' outputs and large temporaries (csrc/cpu/block_cache.h).
+
+def test_block_cache_serves_freed_blocks_and_outputs_stay_correct():
+    """A freed output's block serves the next call of the same shape, training and eval, and every output still
+    matches the reference (the kernels write every element of a reused block)."""
+    C = ghostfused.backends.extension()
+    module = _module("ghost_attn", 24, 40, torch.float32).train()
+    x = torch.randn(2, 24, 33, 31)  # outputs and temporaries over the cache's 128 KiB minimum
+    features = torch.randn(2, 40, 33, 31)
+    grad = torch.randn(2, 40, 33, 31)
+    expected_out, expected_grads = _step("ghost_attn", fused_copy(module, "eager"), x, features, grad, True,
+                                         fused=False)
+    reused = C._cpu_block_cache_info()[2]
+    for _ in range(3):
+        out, grads = _step("ghost_attn", fused_copy(module, "eager"), x, features, grad, True, fused=True)
+        assert_close(out, expected_out, torch.float32)
+        for actual, expected in zip(grads, expected_grads, strict=True):
+            assert_close(actual, expected, torch.float32, scale=10)
+    module.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close(_call("ghost_attn", module, x, features, False), module(x), torch.float32)
+    assert C._cpu_block_cache_info()[2] > reused
+
+
+def test_block_cache_is_bounded_and_can_be_turned_off():
+    """Idle blocks stay within the bound (GHOSTFUSED_CPU_CACHE_MB), clear() frees them, and 0 turns the cache off."""
+    script = textwrap.dedent('''
+        import torch, ghostfused
+        from ghostfused import ops
+        C = ghostfused.backends.extension()
+        w, cheap, bn = torch.randn(32, 16, 1, 1), torch.randn(32, 1, 3, 3), torch.nn.BatchNorm2d(32).eval()
+        for size in (40, 48, 56, 64, 40, 48):
+            out = ops.ghost_concat(torch.randn(4, 16, size, size), w, bn, cheap, bn, 64, backend="cpu")
+            del out
+            idle, limit, reused = C._cpu_block_cache_info()
+            assert idle <= limit, (idle, limit)
+        C._cpu_block_cache_clear()
+        print(limit, reused, C._cpu_block_cache_info()[0])
+    ''')
+    results = {}
+    for megabytes in ("1", "0"):
+        env = {**os.environ, "GHOSTFUSED_CPU_CACHE_MB": megabytes}
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[megabytes] = [int(v) for v in run.stdout.split()]
+    assert results["1"][0] == 1 << 20 and results["1"][2] == 0
+    assert results["0"] == [0, 0, 0]

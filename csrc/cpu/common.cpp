@@ -213,7 +213,7 @@ void Gate<T>::reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const 
 template <typename T>
 at::Tensor Gate<T>::nhwc(int64_t batch) const {
   const int64_t size = h * w;
-  at::Tensor out = at::empty({batch, size, channels}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  at::Tensor out = cached_empty({batch, size, channels}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* dst = out.template data_ptr<T>();
   for (int64_t n = 0; n < batch; ++n) transpose(plane(n, 0), channels, size, size, dst + n * size * channels, channels);
   return out;
@@ -266,7 +266,7 @@ at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight) {
   // result there changes with the thread count (benchmarks/cpu_ops.py --gemm), which this backend promises not to
   // do; on larger planes it was up to 10x slower.
   const int64_t batch = x.size(0);
-  at::Tensor out = at::empty({batch, weight.size(0), x.size(2)}, x.options());
+  at::Tensor out = cached_empty({batch, weight.size(0), x.size(2)}, x.options());
   if (batch == 1) {
     at::Tensor out0 = out[0];
     at::mm_out(out0, weight, x[0]);
@@ -299,7 +299,7 @@ void for_each_gemm_chunk(int64_t count, const Gemm& gemm) {
 }  // namespace
 
 at::Tensor pixels_gemm(const at::Tensor& pixels, const at::Tensor& weight) {
-  at::Tensor out = at::empty({weight.size(0), pixels.size(0)}, pixels.options());
+  at::Tensor out = cached_empty({weight.size(0), pixels.size(0)}, pixels.options());
   for_each_gemm_chunk(pixels.size(0), [&](int64_t begin, int64_t length) {
     at::Tensor part = out.narrow(1, begin, length);
     at::mm_out(part, weight, pixels.narrow(0, begin, length).t());
@@ -308,7 +308,7 @@ at::Tensor pixels_gemm(const at::Tensor& pixels, const at::Tensor& weight) {
 }
 
 at::Tensor rows_gemm(const at::Tensor& rows, const at::Tensor& weight) {
-  at::Tensor out = at::empty({rows.size(0), weight.size(1)}, rows.options());
+  at::Tensor out = cached_empty({rows.size(0), weight.size(1)}, rows.options());
   for_each_gemm_chunk(rows.size(0), [&](int64_t begin, int64_t length) {
     at::Tensor part = out.narrow(0, begin, length);
     at::mm_out(part, rows.narrow(0, begin, length), weight);

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../glue.h"
+#include "block_cache.h"
 #include "ghostfused/batch_norm.h"
 #include "ghostfused/depthwise.h"
 #include "ghostfused/index_maps.h"

@@ -25,7 +25,7 @@ constexpr int64_t kChannelBlock = 128;
 template <typename T>
 at::Tensor average_pool(const at::Tensor& x, int64_t batch, int64_t channels, int64_t height, int64_t width) {
   const int64_t h = pooled_size(height), w = pooled_size(width);
-  at::Tensor pooled = at::empty({batch, channels, h * w}, x.options());
+  at::Tensor pooled = cached_empty({batch, channels, h * w}, x.options());
   const T* src = x.template data_ptr<T>();
   T* dst = pooled.template data_ptr<T>();
   at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
@@ -47,7 +47,7 @@ at::Tensor average_pool(const at::Tensor& x, int64_t batch, int64_t channels, in
 template <typename T>
 at::Tensor average_pool_nhwc(const at::Tensor& x, int64_t batch, int64_t channels, int64_t height, int64_t width) {
   const int64_t h = pooled_size(height), w = pooled_size(width);
-  at::Tensor pooled = at::empty({batch, h * w, channels}, x.options());
+  at::Tensor pooled = cached_empty({batch, h * w, channels}, x.options());
   const T* src = x.template data_ptr<T>();
   T* dst = pooled.template data_ptr<T>();
   at::parallel_for(0, batch * h, 1, [&](int64_t begin, int64_t end) {
@@ -70,7 +70,7 @@ at::Tensor average_pool_nhwc(const at::Tensor& x, int64_t batch, int64_t channel
 // the GEMM orientation that stays efficient for a few pixels and many channels.
 at::Tensor conv1x1_nhwc(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t batch = x.size(0);
-  at::Tensor out = at::empty({batch, x.size(2), weight.size(0)}, x.options());
+  at::Tensor out = cached_empty({batch, x.size(2), weight.size(0)}, x.options());
   if (batch == 1) {
     at::Tensor out0 = out[0];
     at::mm_out(out0, x[0].t(), weight.t());
@@ -368,7 +368,7 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   g.pooled = g.nhwc ? average_pool_nhwc<T>(x, g.batch, g.in_channels, g.height, g.width)
                     : average_pool<T>(dense(x, dtype), g.batch, g.in_channels, g.height, g.width);
   g.z0 = conv1x1_nhwc(g.pooled, g.conv_weight);
-  g.gate = at::empty({g.batch, channels, q.size}, g.z0.options());
+  g.gate = cached_empty({g.batch, channels, q.size}, g.z0.options());
   const T* z0 = g.z0.template data_ptr<T>();
   const T* htaps = g.horizontal_taps.template data_ptr<T>();
   const T* vtaps = g.vertical_taps.template data_ptr<T>();
@@ -415,8 +415,8 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   }
 
   // Stage by stage, each BatchNorm's statistics complete before the next stage uses them.
-  g.z1 = at::empty_like(g.z0);
-  g.z2 = at::empty_like(g.z0);
+  g.z1 = cached_empty(g.z0.sizes(), g.z0.options());
+  g.z2 = cached_empty(g.z0.sizes(), g.z0.options());
   T* z1 = g.z1.template data_ptr<T>();
   T* z2 = g.z2.template data_ptr<T>();
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
@@ -488,7 +488,8 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
   const std::vector<BatchNormGrad<T>> k2 = reduce(2);
 
   // The vertical convolution: weight gradient and u1's gradient (u1 = BN1(z1)), then the horizontal BN's sums.
-  at::Tensor grad_a = at::empty_like(g.z0), grad_b = at::empty_like(g.z0);
+  at::Tensor grad_a = cached_empty(g.z0.sizes(), g.z0.options());
+  at::Tensor grad_b = cached_empty(g.z0.sizes(), g.z0.options());
   T* du1 = grad_a.template data_ptr<T>();
   for_each_block<T>(q, g.batch, true, [&](const Block& b, Scratch<T>& sc) {
     sc.set_coefficients(k2, b);
@@ -663,7 +664,7 @@ dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& /*saved*/, 
     const DfcGate<scalar_t> g =
         dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                            batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, false, true);
-    at::Tensor dgate = at::empty_like(g.gate);
+    at::Tensor dgate = cached_empty(g.gate.sizes(), g.gate.options());
     if (nhwc) {
       gate_product_backward_nhwc(g.view(), grad.data_ptr<scalar_t>(), feats.data_ptr<scalar_t>(), g.batch,
                                  dfeatures.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>());

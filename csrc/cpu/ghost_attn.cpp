@@ -71,7 +71,7 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const a
     const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
                                                            ghost_bns[1], s.ghost, relu, false, saved);
     const Gate<scalar_t> gate = g.view();
-    at::Tensor dgate = at::empty_like(g.gate);
+    at::Tensor dgate = cached_empty(g.gate.sizes(), g.gate.options());
     ghost = ghost_backward(b, grad.data_ptr<scalar_t>(), &gate, dgate.data_ptr<scalar_t>(), training);
     dfc = dfc_gate_backward(g, dgate.data_ptr<scalar_t>(), training);
     pool_backward<scalar_t>(dfc.pooled, s.ghost.height, s.ghost.width, ghost.x.data_ptr<scalar_t>(), true, g.nhwc);

@@ -455,7 +455,7 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
   // into a1's gradient), then the primary channel's (gate, activation). y1_grad (laid out like y1) holds the
   // gradient of the primary BatchNorm's output (training) or of y1 itself (eval).
   const T* cheap_weight = g.cheap_taps;
-  at::Tensor y1_grad = at::empty_like(g.y1);
+  at::Tensor y1_grad = cached_empty(g.y1.sizes(), g.y1.options());
   T* y1_grad_data = y1_grad.template data_ptr<T>();
   std::vector<GradSums> cheap_partials(s.batch * s.cheap, GradSums{0, 0});
   std::vector<GradSums> primary_partials(s.batch * s.init, GradSums{0, 0});

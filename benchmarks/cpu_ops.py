@@ -16,7 +16,9 @@ against the raw ``torch.ops.ghostfused_C.<op>_forward`` kernel, to show the cost
 eager and the fused cpu backend, each in NCHW and in channels_last (eager NCHW is the baseline), and for inference
 ONNX Runtime running the exported eager model (when onnxruntime is installed);
 ``--profile`` splits the fused model's time in those three phases into the fused kernels' own work, the GEMMs they
-call and everything else; ``--gemm`` times the 1x1 convolution choices of csrc/cpu/common.cpp.
+call and everything else; ``--faults`` counts the minor page faults per call of eager and the fused model in those
+phases (run it with ``GHOSTFUSED_CPU_CACHE_MB=0`` to see the cpu kernels without their block cache);
+``--gemm`` times the 1x1 convolution choices of csrc/cpu/common.cpp.
 
 The machine may be shared: figures are medians of interleaved runs, and ratios are what to compare. With
 ``--threads 1 --cpu-time`` the clock is the process's CPU time, which other processes on the machine do not inflate
@@ -29,6 +31,7 @@ import argparse
 import copy
 import datetime
 import io
+import resource
 import statistics
 import time
 
@@ -317,6 +320,42 @@ def model_table(repeats) -> list[str]:
     return lines
 
 
+def fault_table(repeats) -> list[str]:
+    """ghostnetv2_100, eager and the fused cpu backend interleaved: median ms and mean minor page faults (pages the
+    kernel maps anew, each zeroed on first touch) per call, for inference at batch 1 and 8 and a training step."""
+    eager = randomize_batch_norms(ghostnetv2(1.0, backend=None))
+    fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
+    lines = [f"{'phase':<22} {'eager ms':>9} {'cpu ms':>8} {'eager faults':>13} {'cpu faults':>11}"]
+    x8, target = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+
+    def inference(model, x):
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+
+    phases = [(f"inference batch {batch}", False, {"eager": inference(eager, x), "cpu": inference(fused, x)})
+              for batch, x in ((1, torch.randn(1, 3, 224, 224)), (8, x8))]
+    phases.append(("training step batch 8", True, {"eager": training_step(eager, x8, target),
+                                                   "cpu": training_step(fused, x8, target)}))
+    for name, training, calls in phases:
+        eager.train(training)
+        fused.train(training)
+        for fn in calls.values():
+            fn()
+        times, faults = {k: [] for k in calls}, {k: 0 for k in calls}
+        for _ in range(repeats):
+            for key, fn in calls.items():
+                before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, CLOCK()
+                fn()
+                times[key].append(CLOCK() - start)
+                faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        lines.append(f"{name:<22} {ms['eager']:>9.2f} {ms['cpu']:>8.2f} {faults['eager'] / repeats:>13.0f} "
+                     f"{faults['cpu'] / repeats:>11.0f}")
+    return lines
+
+
 def profile_table(repeats) -> list[str]:
     """Where the fused model's time goes (torch.profiler, ghostnetv2_100 on the cpu backend): inference at batch 1
     and 8 and a training step at batch 8, split into the fused kernels' own work, the GEMMs they call (their 1x1
@@ -412,6 +451,8 @@ def main():
     parser.add_argument("--model", action="store_true", help="also time ghostnetv2_100 inference and training")
     parser.add_argument("--profile", action="store_true",
                         help="split the fused model's time into fused kernels, their GEMMs and the rest")
+    parser.add_argument("--faults", action="store_true",
+                        help="minor page faults per call of eager and the fused model (the block cache's effect)")
     parser.add_argument("--gemm", action="store_true",
                         help="the 1x1 convolutions: bmm against oneDNN, and the two NHWC GEMM orientations")
     parser.add_argument("--depthwise", action="store_true",
@@ -446,6 +487,8 @@ def main():
         print("\n".join(model_table(args.repeats)))
     if args.profile:
         print("\n".join(profile_table(args.repeats)))
+    if args.faults:
+        print("\n".join(fault_table(args.repeats)))
     if args.gemm:
         print("\n".join(gemm_table(args.repeats)))
 

@@ -657,9 +657,11 @@ def load_average() -> list[float] | None:
 
 
 def allocator_environment() -> dict:
-    """The environment variables that change how the host allocates memory (glibc tunables, a preloaded malloc):
-    on a CPU they decide whether each large tensor costs fresh zeroed pages (README, Results)."""
-    return {k: v for k, v in os.environ.items() if k in ("GLIBC_TUNABLES", "LD_PRELOAD") or k.startswith("MALLOC_")}
+    """The environment variables that change how the host allocates memory (glibc tunables, a preloaded malloc, the
+    bound of the cpu kernels' block cache): on a CPU they decide whether each large tensor costs fresh zeroed pages
+    (README, Results)."""
+    names = ("GLIBC_TUNABLES", "LD_PRELOAD", "GHOSTFUSED_CPU_CACHE_MB")
+    return {k: v for k, v in os.environ.items() if k in names or k.startswith("MALLOC_")}
 
 
 def environment(device: torch.device) -> dict:

@@ -295,7 +295,13 @@ class GhostBottleneckV2(reference.GhostBottleneckV2):
         if self.se is not None:
             x = self.se(x)
         x = self.ghost2(x)
-        return x + self.shortcut(residual)
+        shortcut = self.shortcut(residual)
+        if ((torch.is_grad_enabled() and (x.requires_grad or shortcut.requires_grad)) or x.shape != shortcut.shape
+                or torch.result_type(x, shortcut) != x.dtype):
+            return x + shortcut
+        # No graph to record: the sum goes into ghost2's fresh output instead of a new tensor (one large allocation,
+        # whose pages the kernel maps anew at each call on CPUs, saved per bottleneck).
+        return x.add_(shortcut)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -199,6 +199,26 @@ def test_converted_bottleneck_matches_reference(backend, training):
     assert_modules_match(model_eager, model_fused, torch.float64)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_converted_bottleneck_without_autograd(backend, stride):
+    """Without a graph to record, the fused bottleneck adds the shortcut into ghost2's output in place: the same
+    output as the reference (identity and convolution shortcuts), and the input is left alone."""
+    torch.manual_seed(2)
+    out_chs = 8 if stride == 1 else 12
+    eager = randomize_batch_norms(reference.GhostBottleneckV2(8, 20, out_chs, dw_kernel_size=3, stride=stride,
+                                                              se_ratio=0.25, layer_id=3)).eval()
+    fused = ghostfused.convert(nn.Sequential(copy.deepcopy(eager)), backend)
+    x = torch.randn(2, 8, 11, 9)
+    before = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out, expected = fused(x), eager(x)
+    assert out.dtype == expected.dtype
+
+
 def test_convert_fuses_any_sequential_pair_and_the_cpu_kernel_runs():
     """Any plain Sequential's (depthwise conv, BatchNorm) pairs are fused, other layers kept; on the cpu backend the
     op's kernel computes them (NCHW), and the layers themselves in channels_last. The other (conv, BatchNorm) pair is

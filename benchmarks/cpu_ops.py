@@ -17,7 +17,8 @@ eager and the fused cpu backend, each in NCHW and in channels_last (eager NCHW i
 ONNX Runtime running the exported eager model (when onnxruntime is installed);
 ``--profile`` splits the fused model's time in those three phases into the fused kernels' own work, the GEMMs they
 call and everything else; ``--faults`` counts the minor page faults per call of eager and the fused model in those
-phases (run it with ``GHOSTFUSED_CPU_CACHE_MB=0`` to see the cpu kernels without their block cache);
+phases (run it with ``GHOSTFUSED_CPU_CACHE_MB=0`` to see the cpu kernels without their block cache), and
+``--alone`` the same with each model in a process of its own;
 ``--gemm`` times the 1x1 convolution choices of csrc/cpu/common.cpp.
 
 The machine may be shared: figures are medians of interleaved runs, and ratios are what to compare. With
@@ -31,8 +32,11 @@ import argparse
 import copy
 import datetime
 import io
+import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -320,12 +324,13 @@ def model_table(repeats) -> list[str]:
     return lines
 
 
-def fault_table(repeats) -> list[str]:
-    """ghostnetv2_100, eager and the fused cpu backend interleaved: median ms and mean minor page faults (pages the
-    kernel maps anew, each zeroed on first touch) per call, for inference at batch 1 and 8 and a training step."""
+def fault_measurements(providers, repeats) -> dict:
+    """ghostnetv2_100 run by ``providers`` ('eager', 'cpu') interleaved: {phase: {provider: (median ms, mean minor
+    page faults per call)}} for inference at batch 1 and 8 and a training step. A minor fault is a page the kernel
+    maps anew (zeroed on first touch)."""
     eager = randomize_batch_norms(ghostnetv2(1.0, backend=None))
-    fused = ghostfused.convert(copy.deepcopy(eager), backend="cpu")
-    lines = [f"{'phase':<22} {'eager ms':>9} {'cpu ms':>8} {'eager faults':>13} {'cpu faults':>11}"]
+    models = {"eager": eager, "cpu": ghostfused.convert(copy.deepcopy(eager), backend="cpu")}
+    models = {name: models[name] for name in providers}
     x8, target = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
 
     def inference(model, x):
@@ -334,13 +339,13 @@ def fault_table(repeats) -> list[str]:
                 model(x)
         return run
 
-    phases = [(f"inference batch {batch}", False, {"eager": inference(eager, x), "cpu": inference(fused, x)})
+    phases = [(f"inference batch {batch}", False, {k: inference(m, x) for k, m in models.items()})
               for batch, x in ((1, torch.randn(1, 3, 224, 224)), (8, x8))]
-    phases.append(("training step batch 8", True, {"eager": training_step(eager, x8, target),
-                                                   "cpu": training_step(fused, x8, target)}))
+    phases.append(("training step batch 8", True, {k: training_step(m, x8, target) for k, m in models.items()}))
+    results = {}
     for name, training, calls in phases:
-        eager.train(training)
-        fused.train(training)
+        for model in models.values():
+            model.train(training)
         for fn in calls.values():
             fn()
         times, faults = {k: [] for k in calls}, {k: 0 for k in calls}
@@ -350,10 +355,43 @@ def fault_table(repeats) -> list[str]:
                 fn()
                 times[key].append(CLOCK() - start)
                 faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        lines.append(f"{name:<22} {ms['eager']:>9.2f} {ms['cpu']:>8.2f} {faults['eager'] / repeats:>13.0f} "
-                     f"{faults['cpu'] / repeats:>11.0f}")
+        results[name] = {k: (statistics.median(times[k]) * 1e3, faults[k] / repeats) for k in calls}
+    return results
+
+
+def fault_lines(results) -> list[str]:
+    lines = [f"{'phase':<22} {'eager ms':>9} {'cpu ms':>8} {'speedup':>8} {'eager faults':>13} {'cpu faults':>11}"]
+    for name, r in results.items():
+        (eager_ms, eager_faults), (cpu_ms, cpu_faults) = r["eager"], r["cpu"]
+        lines.append(f"{name:<22} {eager_ms:>9.2f} {cpu_ms:>8.2f} {eager_ms / cpu_ms:>7.2f}x {eager_faults:>13.0f} "
+                     f"{cpu_faults:>11.0f}")
     return lines
+
+
+def fault_table(repeats) -> list[str]:
+    """Eager and the fused model interleaved in this process: ms and minor page faults per call."""
+    return ["interleaved in one process:"] + fault_lines(fault_measurements(("eager", "cpu"), repeats))
+
+
+def alone_table(repeats, rounds: int = 3) -> list[str]:
+    """Eager and the fused model each in a process of its own, alternating ``rounds`` times: interleaved in one
+    process, each model's frees move glibc's mmap threshold, and so the page faults, of the other. Per round the
+    medians of each process; the last line the medians over the rounds."""
+    lines = []
+    runs = []
+    for round_ in range(rounds):
+        result = {}
+        for provider in ("eager", "cpu"):
+            command = [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--repeats",
+                       str(repeats), "--no-ops", "--alone-child", provider]
+            child = subprocess.run(command, capture_output=True, text=True, check=True)
+            for phase, value in json.loads(child.stdout.strip().splitlines()[-1]).items():
+                result.setdefault(phase, {})[provider] = value[provider]
+        runs.append(result)
+        lines += [f"each alone, round {round_ + 1}:"] + fault_lines(result)
+    median = {phase: {p: tuple(statistics.median(run[phase][p][i] for run in runs) for i in range(2))
+                      for p in ("eager", "cpu")} for phase in runs[0]}
+    return lines + [f"each alone, medians over the {rounds} rounds:"] + fault_lines(median)
 
 
 def profile_table(repeats) -> list[str]:
@@ -453,6 +491,9 @@ def main():
                         help="split the fused model's time into fused kernels, their GEMMs and the rest")
     parser.add_argument("--faults", action="store_true",
                         help="minor page faults per call of eager and the fused model (the block cache's effect)")
+    parser.add_argument("--alone", action="store_true",
+                        help="eager and the fused model timed each in a process of its own, with page faults")
+    parser.add_argument("--alone-child", choices=("eager", "cpu"), help=argparse.SUPPRESS)
     parser.add_argument("--gemm", action="store_true",
                         help="the 1x1 convolutions: bmm against oneDNN, and the two NHWC GEMM orientations")
     parser.add_argument("--depthwise", action="store_true",
@@ -467,6 +508,9 @@ def main():
         CLOCK = time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.alone_child:  # one provider's measurements for --alone, as JSON
+        print(json.dumps(fault_measurements((args.alone_child,), args.repeats)))
+        return
     clock = "process CPU time" if args.cpu_time else "wall time"
     env = environment(torch.device("cpu"))
     print(f"# {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, ghostfused "
@@ -489,6 +533,8 @@ def main():
         print("\n".join(profile_table(args.repeats)))
     if args.faults:
         print("\n".join(fault_table(args.repeats)))
+    if args.alone:
+        print("\n".join(alone_table(args.repeats)))
     if args.gemm:
         print("\n".join(gemm_table(args.repeats)))
 

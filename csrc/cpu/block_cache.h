@@ -1,9 +1,10 @@
 // A cache of freed CPU memory blocks for the kernels' outputs and large temporaries.
 //
 // glibc's malloc hands blocks of more than about 128 KiB to the kernel (mmap / munmap, or a trimmed heap top), so
-// every fresh output or temporary of a fused op page-faults on first touch: at batch 8 those faults took about a
-// third of the fused model's CPU time. Blocks from this cache go back to it when their tensor dies and serve the
-// next request of the same rounded size, already mapped. Idle blocks are bounded (GHOSTFUSED_CPU_CACHE_MB, default
+// every fresh output or temporary of a fused op page-faulted on first touch, at every call (in the fused model at
+// batch 8, 99% of its page faults: benchmarks/results/cpu-20261205-221639/perf_page_faults_cache_0.log). Blocks from
+// this cache go back to it when their tensor dies and serve the next request of the same rounded size, already
+// mapped. Idle blocks are bounded (GHOSTFUSED_CPU_CACHE_MB, default
 // 256; 0 turns the cache off): a release that would exceed the bound first frees every idle block.
 #pragma once
 

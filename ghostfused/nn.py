@@ -297,7 +297,7 @@ class GhostBottleneckV2(reference.GhostBottleneckV2):
         x = self.ghost2(x)
         shortcut = self.shortcut(residual)
         if ((torch.is_grad_enabled() and (x.requires_grad or shortcut.requires_grad)) or x.shape != shortcut.shape
-                or torch.result_type(x, shortcut) != x.dtype):
+                or x.dtype != shortcut.dtype):
             return x + shortcut
         # No graph to record: the sum goes into ghost2's fresh output instead of a new tensor (one large allocation,
         # whose pages the kernel maps anew at each call on CPUs, saved per bottleneck).

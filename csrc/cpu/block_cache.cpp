@@ -119,7 +119,7 @@ class BlockCache final : public c10::Allocator {
 at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat memory_format) {
   BlockCache& cache = BlockCache::instance();
   const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (!cache.enabled() || bytes < kMinBlock || !options.device().is_cpu())
+  if (!cache.enabled() || bytes < kMinBlock)
     return at::empty(sizes, options.memory_format(memory_format));
   return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), memory_format);

@@ -4,8 +4,8 @@
 // every fresh output or temporary of a fused op page-faulted on first touch, at every call (in the fused model at
 // batch 8, 99% of its page faults: benchmarks/results/cpu-20261205-221639/perf_page_faults_cache_0.log). Blocks from
 // this cache go back to it when their tensor dies and serve the next request of the same rounded size, already
-// mapped. Idle blocks are bounded (GHOSTFUSED_CPU_CACHE_MB, default
-// 256; 0 turns the cache off): a release that would exceed the bound first frees every idle block.
+// mapped. Idle blocks are bounded (GHOSTFUSED_CPU_CACHE_MB, default 256; 0 turns the cache off): a release that
+// would exceed the bound first frees every idle block.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +14,8 @@
 
 namespace ghostfused::cpu {
 
-// An uninitialised CPU tensor of `sizes` (and memory_format) whose memory comes from the cache when it is large.
+// An uninitialised CPU tensor of `sizes` (and memory_format) whose memory comes from the cache when it is large
+// (options must name the CPU: csrc/glue.cpp's empty_output sends only CPU outputs here).
 at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat memory_format = at::MemoryFormat::Contiguous);
 

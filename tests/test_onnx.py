@@ -80,3 +80,23 @@ def test_whole_model_exports_and_runs_in_onnxruntime():
     assert len(fused_modules(fused)) == 32
     x = torch.randn(1, 3, 64, 64)
     _assert_standard_and_matches(_export(fused, x, dynamo=_has_onnxscript()), fused, x)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_in_onnx_export_agrees_with_torch(dynamo):
+    """``ghostfused.ops.direct.in_onnx_export`` (the fused ops' cheaper read of torch's export flags) says what
+    ``torch.onnx.is_in_onnx_export`` says, during an export and outside one."""
+    from ghostfused.ops.direct import in_onnx_export
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((in_onnx_export(), torch.onnx.is_in_onnx_export()))
+            return x + 1
+
+    assert in_onnx_export() is False
+    _export(Probe(), torch.randn(2, 3), dynamo)
+    assert seen and all(ours == theirs for ours, theirs in seen), seen
+    assert any(ours for ours, _ in seen), seen  # the export ran the forward with the flag set
+    assert in_onnx_export() is False

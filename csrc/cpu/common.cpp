@@ -82,26 +82,32 @@ std::pair<std::vector<GradSums>, double> group_grad_sums(const BatchNorm& bn, co
   return {out, group_count};
 }
 
-at::Tensor packed(const std::vector<std::vector<double>>& values, const at::Tensor& x) {
+namespace {
+
+// packed() of the vectors get(item) of each item: one tensor written in place, no copy of the vectors.
+template <typename Item, typename Get>
+at::Tensor packed_from(std::initializer_list<Item> items, const Get& get, const at::Tensor& x) {
   int64_t size = 0;
-  for (const auto& v : values) size += static_cast<int64_t>(v.size());
+  for (const Item& item : items) size += static_cast<int64_t>(get(item).size());
   at::Tensor out = at::empty({size}, at::TensorOptions().dtype(stats_dtype(x)));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "packed", [&] {
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (const auto& v : values)
-      for (double value : v) *dst++ = static_cast<scalar_t>(value);
+    for (const Item& item : items)
+      for (double value : get(item)) *dst++ = static_cast<scalar_t>(value);
   });
   return x.device().is_cpu() ? out : out.to(x.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> packed_statistics(const std::vector<const BatchNorm*>& bns,
+}  // namespace
+
+at::Tensor packed(std::initializer_list<const std::vector<double>*> values, const at::Tensor& x) {
+  return packed_from(values, [](const std::vector<double>* v) -> const std::vector<double>& { return *v; }, x);
+}
+
+std::tuple<at::Tensor, at::Tensor> packed_statistics(std::initializer_list<const BatchNorm*> bns,
                                                      const at::Tensor& x) {
-  std::vector<std::vector<double>> means, vars;
-  for (const BatchNorm* bn : bns) {
-    means.push_back(bn->mean);
-    vars.push_back(bn->var);
-  }
-  return {packed(means, x), packed(vars, x)};
+  return {packed_from(bns, [](const BatchNorm* bn) -> const std::vector<double>& { return bn->mean; }, x),
+          packed_from(bns, [](const BatchNorm* bn) -> const std::vector<double>& { return bn->var; }, x)};
 }
 
 void batch_norm_param_grads(const BatchNorm& bn, const std::vector<GradSums>& sums, std::vector<double>& weight,

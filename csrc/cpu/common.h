@@ -24,6 +24,7 @@
 #include <bit>
 #include <type_traits>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -77,17 +78,31 @@ std::vector<BatchNorm> batch_norms(at::TensorList bn_weight, at::TensorList bn_b
 void set_batch_statistics(BatchNorm& bn, const std::vector<Moments>& moments);
 
 // Per-BatchNorm vectors packed into one tensor in the stats dtype of x (statistics, BatchNorm gradients).
-at::Tensor packed(const std::vector<std::vector<double>>& values, const at::Tensor& x);
+at::Tensor packed(std::initializer_list<const std::vector<double>*> values, const at::Tensor& x);
 
 // The op's packed statistics (stats_mean, stats_var).
-std::tuple<at::Tensor, at::Tensor> packed_statistics(const std::vector<const BatchNorm*>& bns, const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> packed_statistics(std::initializer_list<const BatchNorm*> bns, const at::Tensor& x);
+
+// A BatchNorm folded into one affine map per channel (fold_batch_norm), in T, as two arrays that the passes
+// vectorised over channels read directly.
+template <typename T>
+struct Folded {
+  std::vector<T> scale, shift;
+
+  Affine<T> operator[](size_t c) const { return {scale[c], shift[c]}; }
+};
 
 template <typename T>
-std::vector<Affine<T>> folded(const BatchNorm& bn) {
-  std::vector<Affine<T>> out(bn.weight.size());
-  for (size_t c = 0; c < out.size(); ++c) {
-    const Affine<double> a = fold_batch_norm(bn.weight[c], bn.bias[c], bn.mean[c], bn.var[c], bn.eps);
-    out[c] = {static_cast<T>(a.scale), static_cast<T>(a.shift)};
+Folded<T> folded(const BatchNorm& bn) {
+  const size_t channels = bn.weight.size();
+  Folded<T> out{std::vector<T>(channels), std::vector<T>(channels)};
+  const double *weight = bn.weight.data(), *bias = bn.bias.data(), *mean = bn.mean.data(), *var = bn.var.data();
+  T *scale = out.scale.data(), *shift = out.shift.data();
+#pragma omp simd
+  for (size_t c = 0; c < channels; ++c) {
+    const Affine<double> a = fold_batch_norm(weight[c], bias[c], mean[c], var[c], bn.eps);
+    scale[c] = static_cast<T>(a.scale);
+    shift[c] = static_cast<T>(a.shift);
   }
   return out;
 }

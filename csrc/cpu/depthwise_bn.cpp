@@ -355,7 +355,7 @@ void forward(const at::Tensor& x, const T* taps, BatchNorm& bn, const DepthwiseS
   const T* xd = x.const_data_ptr<T>();
   const auto identity = [](T v) { return v; };
   if (!training) {  // the BatchNorm folded into the taps and a bias
-    const std::vector<Affine<T>> affine = folded<T>(bn);
+    const Folded<T> affine = folded<T>(bn);
     std::vector<T> scaled(s.channels * taps_per_channel);
     for (int64_t t = 0; t < s.channels * taps_per_channel; ++t)
       scaled[t] = taps[t] * affine[t / taps_per_channel].scale;
@@ -373,7 +373,7 @@ void forward(const at::Tensor& x, const T* taps, BatchNorm& bn, const DepthwiseS
     partials[plane] = moments_of(o, out_size);
   });
   set_batch_statistics(bn, combine_planes(partials, s.batch, s.channels));
-  const std::vector<Affine<T>> affine = folded<T>(bn);
+  const Folded<T> affine = folded<T>(bn);
   at::parallel_for(0, s.batch * s.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const Affine<T> a = affine[plane % s.channels];
@@ -484,8 +484,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_bn_backward
   AT_DISPATCH_FLOATING_TYPES(dtype, "depthwise_bn_backward", [&] {
     grads = backward<scalar_t>(xd, wd, grad.const_data_ptr<scalar_t>(), bns[0], s, training);
   });
-  return {as_output(grads.x, x), grads.weight.to(x.scalar_type()), packed({grads.bn_weight}, x),
-          packed({grads.bn_bias}, x)};
+  return {as_output(grads.x, x), grads.weight.to(x.scalar_type()), packed({&grads.bn_weight}, x),
+          packed({&grads.bn_bias}, x)};
 }
 
 }  // namespace

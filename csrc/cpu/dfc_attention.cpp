@@ -106,10 +106,11 @@ struct Quarter {
   int k;
 };
 
-// local[l, i] = scale[i] * global[l, i] + shift[i] (per-channel vectors offset to the block).
+// local[l, i] = BN(global[l, c0 + i]) for the block's channels, BN folded.
 template <typename T>
-void load_affine(const T* global, const Quarter& q, const Block& b, const T* scale, const T* shift, T* local) {
+void load_affine(const T* global, const Quarter& q, const Block& b, const Folded<T>& bn, T* local) {
   const T* src = global + b.n * q.size * q.channels + b.c0;
+  const T *scale = bn.scale.data() + b.c0, *shift = bn.shift.data() + b.c0;
   for (int64_t l = 0; l < q.size; ++l) {
     const T* row = src + l * q.channels;
     T* dst = local + l * b.cb;
@@ -376,16 +377,12 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   std::vector<Moments> partials(g.batch * channels);
   auto fold = [&](int index) {
     if (batch_statistics) set_batch_statistics(g.bns[index], combine_planes(partials, g.batch, channels));
-    const std::vector<Affine<T>> affine = folded<T>(g.bns[index]);
-    for (const Affine<T>& a : affine) {
-      g.scale[index].push_back(a.scale);
-      g.shift[index].push_back(a.shift);
-    }
+    g.affine[index] = folded<T>(g.bns[index]);
   };
   // gate (NCHW) = sigmoid(BN2(z2)) of a block: computed in place, then stored transposed.
   auto write_gate = [&](T* z2, const Block& b) {
-    const T* scale = g.scale[2].data() + b.c0;
-    const T* shift = g.shift[2].data() + b.c0;
+    const T* scale = g.affine[2].scale.data() + b.c0;
+    const T* shift = g.affine[2].shift.data() + b.c0;
     for (int64_t l = 0; l < q.size; ++l)
 #pragma omp simd
       for (int64_t c = 0; c < b.cb; ++c) z2[l * b.cb + c] = sigmoid_simd(scale[c] * z2[l * b.cb + c] + shift[c]);
@@ -402,12 +399,12 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
     fold(1);
     fold(2);
     for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
-      load_affine(z0, q, b, g.scale[0].data() + b.c0, g.shift[0].data() + b.c0, sc.u.data());
+      load_affine(z0, q, b, g.affine[0], sc.u.data());
       depthwise_nhwc(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.z.data());
       for (int64_t l = 0; l < q.size; ++l)
 #pragma omp simd
         for (int64_t c = 0; c < b.cb; ++c)
-          sc.u[l * b.cb + c] = g.scale[1][b.c0 + c] * sc.z[l * b.cb + c] + g.shift[1][b.c0 + c];
+          sc.u[l * b.cb + c] = g.affine[1].scale[b.c0 + c] * sc.z[l * b.cb + c] + g.affine[1].shift[b.c0 + c];
       depthwise_nhwc(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.z.data());
       write_gate(sc.z.data(), b);
     });
@@ -420,14 +417,14 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   T* z1 = g.z1.template data_ptr<T>();
   T* z2 = g.z2.template data_ptr<T>();
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
-    load_affine(z0, q, b, g.scale[0].data() + b.c0, g.shift[0].data() + b.c0, sc.u.data());
+    load_affine(z0, q, b, g.affine[0], sc.u.data());
     depthwise_nhwc(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.z.data());
     store(sc.z.data(), q, b, z1);
     if (batch_statistics) block_moments(sc.z.data(), q, b, partials);
   });
   fold(1);
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
-    load_affine(z1, q, b, g.scale[1].data() + b.c0, g.shift[1].data() + b.c0, sc.u.data());
+    load_affine(z1, q, b, g.affine[1], sc.u.data());
     depthwise_nhwc(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.z.data());
     store(sc.z.data(), q, b, z2);
     if (batch_statistics) block_moments(sc.z.data(), q, b, partials);
@@ -496,7 +493,7 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
     sigmoid_grad(b, sc.grad.data(), sc.z.data());
     load(z2, q, b, sc.z.data());
     batch_norm_grad(sc, b, sc.grad.data(), sc.z.data());
-    load_affine(z1, q, b, g.scale[1].data() + b.c0, g.shift[1].data() + b.c0, sc.u.data());
+    load_affine(z1, q, b, g.affine[1], sc.u.data());
     std::fill(sc.z.begin(), sc.z.end(), T(0));
     std::fill(sc.taps_grad.begin(), sc.taps_grad.end(), 0.0);
     depthwise_nhwc_backward(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.grad.data(), sc.z.data(),
@@ -515,7 +512,7 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
     load(du1, q, b, sc.grad.data());
     load(z1, q, b, sc.z.data());
     batch_norm_grad(sc, b, sc.grad.data(), sc.z.data());
-    load_affine(z0, q, b, g.scale[0].data() + b.c0, g.shift[0].data() + b.c0, sc.u.data());
+    load_affine(z0, q, b, g.affine[0], sc.u.data());
     std::fill(sc.z.begin(), sc.z.end(), T(0));
     std::fill(sc.taps_grad.begin(), sc.taps_grad.end(), 0.0);
     depthwise_nhwc_backward(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.grad.data(), sc.z.data(),
@@ -681,8 +678,8 @@ dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& /*saved*/, 
           grads.conv_weight.view(conv_weight.sizes()).to(out_dtype),
           grads.horizontal_weight.view(horizontal_weight.sizes()).to(out_dtype),
           grads.vertical_weight.view(vertical_weight.sizes()).to(out_dtype),
-          packed(grads.bn_weight, x),
-          packed(grads.bn_bias, x)};
+          packed({&grads.bn_weight[0], &grads.bn_weight[1], &grads.bn_weight[2]}, x),
+          packed({&grads.bn_bias[0], &grads.bn_bias[1], &grads.bn_bias[2]}, x)};
 }
 
 }  // namespace

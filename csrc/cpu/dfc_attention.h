@@ -21,7 +21,7 @@ struct DfcGate {
   at::Tensor z0, z1, z2;         // [N, h * w, C]: the three convolutions (z1, z2 kept only when asked)
   at::Tensor gate;               // [N, C, h * w]
   std::vector<BatchNorm> bns;    // conv, horizontal, vertical: with the statistics they normalise with
-  std::vector<T> scale[3], shift[3];  // each BatchNorm folded, per channel
+  Folded<T> affine[3];            // each BatchNorm folded
 
   // The gate with its upsampling to x's resolution.
   Gate<T> view() const {

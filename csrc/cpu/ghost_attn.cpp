@@ -13,7 +13,9 @@ constexpr const char* kBackward = "ghostfused_C::ghost_attn_backward";
 
 // The op's five BatchNorms split into the Ghost branch's two and the DFC branch's three.
 std::pair<std::vector<BatchNorm>, std::vector<BatchNorm>> split_batch_norms(std::vector<BatchNorm> bns) {
-  return {{bns[0], bns[1]}, {bns[2], bns[3], bns[4]}};
+  std::vector<BatchNorm> dfc(std::make_move_iterator(bns.begin() + 2), std::make_move_iterator(bns.end()));
+  bns.erase(bns.begin() + 2, bns.end());
+  return {std::move(bns), std::move(dfc)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
@@ -37,8 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                                                    std::move(dfc_bns), s.dfc, training, false);
     const Gate<scalar_t> gate = g.view();
-    const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
-                                                           ghost_bns[1], gs, relu, training, at::Tensor());
+    const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, std::move(ghost_bns[0]),
+                                                           std::move(ghost_bns[1]), gs, relu, training, at::Tensor());
     ghost_write(b, &gate, out.data_ptr<scalar_t>());
     std::tie(mean, var) = packed_statistics({&b.primary_bn, &b.cheap_bn, &g.bns[0], &g.bns[1], &g.bns[2]}, x);
     saved = saved_primary(b, training);
@@ -68,8 +70,8 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const a
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_attn_backward", [&] {
     const DfcGate<scalar_t> g = dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
                                                    std::move(dfc_bns), s.dfc, false, true);
-    const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, ghost_bns[0],
-                                                           ghost_bns[1], s.ghost, relu, false, saved);
+    const GhostBranch<scalar_t> b = ghost_branch<scalar_t>(xd, primary_weight, cheap_weight, std::move(ghost_bns[0]),
+                                                           std::move(ghost_bns[1]), s.ghost, relu, false, saved);
     const Gate<scalar_t> gate = g.view();
     at::Tensor dgate = cached_empty(g.gate.sizes(), g.gate.options());
     ghost = ghost_backward(b, grad.data_ptr<scalar_t>(), &gate, dgate.data_ptr<scalar_t>(), training);
@@ -83,9 +85,10 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& saved, const a
           dfc.conv_weight.view(conv_weight.sizes()).to(out_dtype),
           dfc.horizontal_weight.view(horizontal_weight.sizes()).to(out_dtype),
           dfc.vertical_weight.view(vertical_weight.sizes()).to(out_dtype),
-          packed({ghost.primary_bn_weight, ghost.cheap_bn_weight, dfc.bn_weight[0], dfc.bn_weight[1],
-                  dfc.bn_weight[2]}, x),
-          packed({ghost.primary_bn_bias, ghost.cheap_bn_bias, dfc.bn_bias[0], dfc.bn_bias[1], dfc.bn_bias[2]}, x)};
+          packed({&ghost.primary_bn_weight, &ghost.cheap_bn_weight, &dfc.bn_weight[0], &dfc.bn_weight[1],
+                  &dfc.bn_weight[2]}, x),
+          packed({&ghost.primary_bn_bias, &ghost.cheap_bn_bias, &dfc.bn_bias[0], &dfc.bn_bias[1],
+                  &dfc.bn_bias[2]}, x)};
 }
 
 }  // namespace

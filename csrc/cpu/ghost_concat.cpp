@@ -321,17 +321,8 @@ void ghost_write_nhwc(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
   // [dw * dw, cheap]: one tap of every cheap channel contiguous.
   const at::Tensor taps_tensor = g.cheap_weight.t().contiguous();
   const T* taps = taps_tensor.template data_ptr<T>();
-  std::vector<T> scale0(init), shift0(init), scale1(kept), shift1(kept);
-  const std::vector<Affine<T>>& bn0 = g.primary_affine;
-  const std::vector<Affine<T>>& bn1 = g.cheap_affine;
-  for (int64_t c = 0; c < init; ++c) {
-    scale0[c] = bn0[c].scale;
-    shift0[c] = bn0[c].shift;
-  }
-  for (int64_t c = 0; c < kept; ++c) {
-    scale1[c] = bn1[c].scale;
-    shift1[c] = bn1[c].shift;
-  }
+  const T *scale0 = g.primary_affine.scale.data(), *shift0 = g.primary_affine.shift.data();
+  const T *scale1 = g.cheap_affine.scale.data(), *shift1 = g.cheap_affine.shift.data();
   const at::Tensor gate_tensor = gate != nullptr ? gate->nhwc(s.batch) : at::Tensor();
   const T* gq = gate != nullptr ? gate_tensor.template data_ptr<T>() : nullptr;
   const int64_t block = std::clamp<int64_t>(kNhwcBlockElements / std::max<int64_t>(W * init, 1), 1, H);
@@ -576,8 +567,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
   at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options().dtype(dtype), memory_format_of(x));
   at::Tensor mean, var, saved;
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_forward", [&] {
-    const GhostBranch<scalar_t> g =
-        ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training, at::Tensor());
+    const GhostBranch<scalar_t> g = ghost_branch<scalar_t>(x, primary_weight, cheap_weight, std::move(bns[0]),
+                                                           std::move(bns[1]), s, relu, training, at::Tensor());
     ghost_write<scalar_t>(g, nullptr, out.data_ptr<scalar_t>());
     std::tie(mean, var) = packed_statistics({&g.primary_bn, &g.cheap_bn}, x);
     saved = saved_primary(g, training);
@@ -599,15 +590,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_con
   const at::Tensor grad = takes_nhwc_path(x) ? dense_channels_last(grad_out, dtype) : dense(grad_out, dtype);
   GhostGrads grads;
   AT_DISPATCH_FLOATING_TYPES(dtype, "ghost_concat_backward", [&] {
-    const GhostBranch<scalar_t> g =
-        ghost_branch<scalar_t>(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, false, saved);
+    const GhostBranch<scalar_t> g = ghost_branch<scalar_t>(x, primary_weight, cheap_weight, std::move(bns[0]),
+                                                           std::move(bns[1]), s, relu, false, saved);
     grads = ghost_backward<scalar_t>(g, grad.data_ptr<scalar_t>(), nullptr, nullptr, training);
   });
   return {grads.x.to(x.scalar_type()),
           grads.primary_weight.view(primary_weight.sizes()).to(x.scalar_type()),
           grads.cheap_weight.view(cheap_weight.sizes()).to(x.scalar_type()),
-          packed({grads.primary_bn_weight, grads.cheap_bn_weight}, x),
-          packed({grads.primary_bn_bias, grads.cheap_bn_bias}, x)};
+          packed({&grads.primary_bn_weight, &grads.cheap_bn_weight}, x),
+          packed({&grads.primary_bn_bias, &grads.cheap_bn_bias}, x)};
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ struct GhostBranch {
                               // channel-major [init, N * H * W] when nhwc
   PlaneLayout y1_layout;
   BatchNorm primary_bn, cheap_bn;  // with the statistics they normalise with
-  std::vector<Affine<T>> primary_affine, cheap_affine;
+  Folded<T> primary_affine, cheap_affine;
   // y1's and cheap_weight's data, read per plane (Tensor::data_ptr checks the tensor at every call)
   const T* y1_data = nullptr;
   const T* cheap_taps = nullptr;

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import backends
 from . import checks
-from .direct import plain_eager, unobserved
+from .direct import in_onnx_export, plain_eager, unobserved
 from ..reference import memory_format_of, stats_dtype
 
 _OP_NAMES = {}  # forward op -> op name, for run_fused_op
@@ -170,7 +170,7 @@ def run_fused_op(op, *args):
     AveragePool, Sigmoid, Resize, Mul) that any ONNX runtime executes. Returns ``(out, stats_mean, stats_var,
     saved)``.
     """
-    if torch.onnx.is_in_onnx_export():
+    if in_onnx_export():
         return backends.implementation("eager", _OP_NAMES[op]).forward(*args[:-1])
     if unobserved(args):  # inference: no dispatcher round trip
         return _FORWARDS[op](*args)
@@ -199,6 +199,6 @@ def eval_kernel_output(name: str, backend: str, args) -> Tensor | None:
     device = x.device
     resolved = backends.resolve(backend, device)
     if (resolved not in _KERNELS_CHECK_ARGUMENTS or name not in backends.KERNEL_OPS[resolved]
-            or torch.is_autocast_enabled(device.type) or not unobserved(args) or torch.onnx.is_in_onnx_export()):
+            or torch.is_autocast_enabled(device.type) or not unobserved(args) or in_onnx_export()):
         return None
     return backends.implementation(resolved, name).forward(*args)[0]

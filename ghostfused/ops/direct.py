@@ -15,6 +15,17 @@ _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, bool, int, float, str, typ
 _requires_grad = operator.attrgetter("requires_grad")
 
 
+try:  # the flags torch.onnx.is_in_onnx_export reads, bound once: it imports both modules at every call
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
+
+    def in_onnx_export() -> bool:
+        """Whether a model is being exported to ONNX (either exporter): ``torch.onnx.is_in_onnx_export()``."""
+        return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
+except ImportError:  # another torch layout: the public function
+    in_onnx_export = torch.onnx.is_in_onnx_export
+
+
 def _traced() -> bool:
     """A compiler, tracer, dispatch mode or functorch transform would see a custom-op call now."""
     return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0

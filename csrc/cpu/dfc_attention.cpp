@@ -5,6 +5,8 @@
 
 #include <torch/library.h>
 
+#include <numeric>
+
 namespace ghostfused::cpu {
 namespace {
 
@@ -81,17 +83,20 @@ at::Tensor conv1x1_nhwc(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // One task of the quarter-resolution passes: sample n, channels [c0, c0 + cb) of [N, L, C] arrays; local buffers
-// are [L, cb]. The channels split into blocks of equal size (a multiple of 8, at most kChannelBlock), enough of
-// them for every thread to have work at batch 1. Channels are independent, so the split does not change results.
+// are [L, cb]. The channels split into blocks of equal size (at most kChannelBlock, at least 8 channels); when the
+// batch alone leaves threads idle, the blocks per sample are a multiple of the threads it leaves idle, so that the
+// tasks split evenly (at batch 1 on two threads 72 channels run as two blocks of 36: three blocks of 24 left one
+// thread waiting a third of the pass). Channels are independent, so the split does not change results.
 struct Block {
   int64_t n, c0, cb;
 };
 
 int64_t block_size(int64_t batch, int64_t channels) {
-  const int64_t wanted = std::max<int64_t>((2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1),
-                                           (channels + kChannelBlock - 1) / kChannelBlock);
-  const int64_t blocks = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(channels / 16, 1));
-  return std::min(kChannelBlock, ((channels + blocks - 1) / blocks + 7) / 8 * 8);
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t step = threads / std::gcd(std::max<int64_t>(batch, 1), threads);
+  const int64_t needed = (channels + kChannelBlock - 1) / kChannelBlock;
+  const int64_t blocks = std::min((needed + step - 1) / step * step, std::max<int64_t>(channels / 8, 1));
+  return std::max<int64_t>((channels + blocks - 1) / blocks, 1);
 }
 
 Block block_of(int64_t task, int64_t size, int64_t channels) {

@@ -20,7 +20,11 @@ try:  # the flags torch.onnx.is_in_onnx_export reads, bound once: it imports bot
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
 
     def in_onnx_export() -> bool:
-        """Whether a model is being exported to ONNX (either exporter): ``torch.onnx.is_in_onnx_export()``."""
+        """Whether a model is being exported to ONNX (either exporter): ``torch.onnx.is_in_onnx_export()``. Under
+        torch.compile the public function itself, which dynamo evaluates (it refuses to trace into the flags'
+        property)."""
+        if torch.compiler.is_compiling():
+            return torch.onnx.is_in_onnx_export()
         return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
 except ImportError:  # another torch layout: the public function
     in_onnx_export = torch.onnx.is_in_onnx_export

@@ -250,4 +250,26 @@ DepthwiseSizes check_depthwise_bn_arguments(const char* op, const at::Tensor& x,
   return {x.size(0), channels, x.size(2), x.size(3), kernel, stride, out_h, out_w};
 }
 
+StemSizes check_stem_arguments(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, at::TensorList bn_weight, at::TensorList bn_bias,
+                               at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
+                               int64_t stride) {
+  check_input(op, x);
+  check_like(op, weight, "weight", x);
+  const int64_t out_channels = weight.dim() == 4 ? weight.size(0) : -1, k = weight.dim() == 4 ? weight.size(3) : -1;
+  TORCH_CHECK(out_channels >= 1 && k >= 1 && k % 2 == 1, op,
+              ": weight must have shape [Cout, Cin, k, k] with Cout >= 1 and k odd, got ", weight.sizes());
+  check_shape(op, weight, "weight", {out_channels, x.size(1), k, k});
+  if (bias.has_value() && bias->defined()) {
+    check_like(op, *bias, "bias", x);
+    check_shape(op, *bias, "bias", {out_channels});
+  }
+  TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
+  check_batch_norms(op, x, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, {out_channels});
+  const int kernel = static_cast<int>(k);
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": x must have H >= 1 and W >= 1, got shape ", x.sizes());
+  return {x.size(0), x.size(1), x.size(2), x.size(3), out_channels, kernel, stride,
+          strided_output_size(x.size(2), kernel, stride), strided_output_size(x.size(3), kernel, stride)};
+}
+
 }  // namespace ghostfused

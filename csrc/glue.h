@@ -100,6 +100,17 @@ DepthwiseSizes check_depthwise_bn_arguments(const char* op, const at::Tensor& x,
                                             at::TensorList bn_weight, at::TensorList bn_bias, at::TensorList bn_mean,
                                             at::TensorList bn_var, at::ArrayRef<double> bn_eps, int64_t stride,
                                             bool training);
+// Sizes of the stem's convolution (csrc/cpu/stem.cpp): dense, odd k x k kernel, zero padding k / 2.
+struct StemSizes {
+  int64_t batch, in_channels, height, width, out_channels;
+  int k;
+  int64_t stride, out_h, out_w;
+};
+// bias: undefined / None, or [out_channels] like x; one BatchNorm of out_channels.
+StemSizes check_stem_arguments(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, at::TensorList bn_weight, at::TensorList bn_bias,
+                               at::TensorList bn_mean, at::TensorList bn_var, at::ArrayRef<double> bn_eps,
+                               int64_t stride);
 struct GhostAttnSizes {
   GhostSizes ghost;
   DfcSizes dfc;

@@ -27,6 +27,9 @@ TORCH_LIBRARY(ghostfused_C, m) {
   m.def("depthwise_bn_forward(" GHOSTFUSED_DEPTHWISE_BN_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("depthwise_bn_backward(Tensor grad_out, Tensor saved, " GHOSTFUSED_DEPTHWISE_BN_ARGS
         ") -> (Tensor, Tensor, Tensor, Tensor)");
+  // Eval only (no backward): GhostNetV2's stem for the fused model's inference (ghostfused/ops/stem.py).
+  m.def("stem_forward(Tensor x, Tensor weight, Tensor? bias, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, "
+        "Tensor[] bn_var, float[] bn_eps, int stride, bool relu) -> Tensor");
 }
 
 namespace {

@@ -75,9 +75,9 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     timm's models alike) a :class:`ghostfused.nn.DepthwiseBNSequential`; our SqueezeExcite modules compute their
     1x1 convolutions as linear layers (:class:`ghostfused.nn.SqueezeExcite`), our ConvBnAct modules fold their
     BatchNorm in eval mode (:class:`ghostfused.nn.ConvBnAct`), and our GhostNetV2 model becomes, in place, a
-    :class:`ghostfused.nn.GhostNetV2` (its stem folded in eval mode, its head as a linear layer). The fused modules
-    share the originals' parameter and buffer tensors, so state-dict keys and values are unchanged, as are outputs
-    and gradients.
+    :class:`ghostfused.nn.GhostNetV2` (its stem one kernel of the backend or folded in eval mode, its head a linear
+    layer). The fused modules share the originals' parameter and buffer tensors, so state-dict keys and values are
+    unchanged, as are outputs and gradients.
     ``backend`` is 'auto', 'eager', 'triton', 'cpu' or 'cuda'. Returns ``model`` (or the fused module when ``model``
     is itself a Ghost module).
     """
@@ -93,6 +93,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     # pass then replaces in it.
     _replace_children(model, lambda child, name: _fused_bottleneck(child, backend))
     _replace_children(model, lambda child, name: _fused_layers(child, backend))
-    if type(model) is reference.GhostNetV2:
+    if type(model) in (reference.GhostNetV2, GhostNetV2):
         model.__class__ = GhostNetV2  # in place: the subclass adds a forward (its stem and head), no state
+        model.backend = backend
     return model

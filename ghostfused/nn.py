@@ -18,6 +18,7 @@ from . import backends, ops, reference
 from .ops.batch_norm import is_fusable, module_schema_lists, sync_process_group
 from .ops.define import eval_kernel_output
 from .ops.depthwise_bn import output_size
+from .ops.stem import stem_kernel_output
 
 
 def _activation_kind(module: nn.Module) -> str | None:
@@ -333,13 +334,19 @@ class ConvBnAct(reference.ConvBnAct):
 
 
 class GhostNetV2(reference.GhostNetV2):
-    """:class:`ghostfused.reference.GhostNetV2` whose stem folds its BatchNorm into the convolution in eval mode
-    (:func:`conv_bn`) and whose ``conv_head``, a 1x1 convolution of the pooled vector, runs as a linear layer (ATen's
-    convolution takes its unbatched slow path for one-pixel inputs). ``convert`` gives our GhostNetV2 models this
-    class in place (the subclass adds no state). ``[N, 3, H, W] -> [N, num_classes]``."""
+    """:class:`ghostfused.reference.GhostNetV2` whose stem runs in eval mode as one kernel of its ``backend``
+    (``ghostfused.ops.stem``) or else folds its BatchNorm into the convolution (:func:`conv_bn`), and whose
+    ``conv_head``, a 1x1 convolution of the pooled vector, runs as a linear layer (ATen's convolution takes its
+    unbatched slow path for one-pixel inputs). ``convert`` gives our GhostNetV2 models this class in place and sets
+    ``backend`` (the subclass adds no state). ``[N, 3, H, W] -> [N, num_classes]``."""
+
+    backend = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.global_pool(self.blocks(self.act1(conv_bn(self.conv_stem, self.bn1, x))))
+        stem = stem_kernel_output(self.conv_stem, self.bn1, self.act1, x, self.backend)
+        if stem is None:
+            stem = self.act1(conv_bn(self.conv_stem, self.bn1, x))
+        x = self.global_pool(self.blocks(stem))
         head = self.conv_head
         if (x.shape[-2:] == (1, 1) and type(head) is nn.Conv2d and head.kernel_size == (1, 1) and head.groups == 1
                 and head.padding == (0, 0)):

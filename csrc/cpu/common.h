@@ -4,9 +4,9 @@
 //
 // Layouts: full-resolution data is dense NCHW and handled one [H, W] plane at a time, as flat arrays, so that
 // every loop is long and vectorisable even for 7x7 planes. A depthwise tap (a, b) is then one flat loop over the
-// output rows it reaches, reading the input shifted by (a - pad) rows and (b - pad) columns; the columns a shift
-// would wrap into the neighbouring row are read from a copy of the input with those columns zeroed
-// (ShiftedColumns). The quarter-resolution DFC gate is NHWC ([N, h * w, C]), vectorised over channels.
+// output rows it reaches, reading the input shifted by (a - pad) rows and (b - pad) columns; the outputs whose read
+// a shift wraps into the neighbouring row select zero by a per-column mask (PaddedPlane). The quarter-resolution
+// DFC gate is NHWC ([N, h * w, C]), vectorised over channels.
 // channels_last inputs stay NHWC in every mode, without a layout copy of x, the output, grad_out or the input
 // gradient: the 1x1 convolutions are GEMMs over all N * H * W pixels, whose channel-major result
 // ([C, N * H * W], PlaneLayout::channel_major) the plane loops read as they read NCHW planes; full-resolution passes
@@ -251,72 +251,81 @@ std::vector<Moments> channel_moments(const T* data, int64_t batch, int64_t chann
   return combine_planes(partials, batch, channels);
 }
 
-// A [height, width] plane for depthwise convolutions with odd kernels of size k: the plane itself (the centre
-// column's source) and, for every other tap column b, a copy whose columns that a shift by b - k / 2 would wrap into
-// are zero. Each array has k / 2 zero rows (and k / 2 zeros) of slack before and after it, so every tap of every
-// output row reads inside the array: out-of-plane rows read zeros. Rows are filled with values() and set_rows.
+// A [height, width] plane for depthwise convolutions with odd kernels of size k, stored flat with k / 2 zero rows
+// (and k / 2 zeros) of slack before and after it, so that every tap of every output row reads inside the array:
+// out-of-plane rows read zeros. A tap in column b reads the plane shifted by b - k / 2 columns, which wraps into the
+// neighbouring row for the first or last columns of a row; keep(b) masks those outputs (1 where the read stays in
+// its row, 0 where it wrapped), so that the flat loops select zero there instead of reading a copy of the plane
+// with those columns zeroed. Values are written through values().
 template <typename T>
-struct ShiftedColumns {
+struct PaddedPlane {
   int64_t height, width;
   int k, pad;
   int64_t slack;
-  std::vector<std::vector<T>> columns;  // [k]: the copy for tap column b (the centre one is the plane)
+  std::vector<T> data;  // slack, the plane, slack
+  std::vector<T> mask;  // [k, height * width]: keep(b)
 
-  ShiftedColumns(int64_t height, int64_t width, int k)
-      : height(height), width(width), k(k), pad(k / 2), slack(pad * width + pad), columns(k) {
-    for (auto& c : columns) c.assign(height * width + 2 * slack, T(0));
+  PaddedPlane(int64_t height, int64_t width, int k)
+      : height(height), width(width), k(k), pad(k / 2), slack(pad * width + pad),
+        data(height * width + 2 * slack, T(0)), mask(k * height * width) {
+    for (int b = 0; b < k; ++b)
+      for (int64_t q = 0; q < height * width; ++q) {
+        const int64_t j = q % width + b - pad;
+        mask[b * height * width + q] = j >= 0 && j < width ? T(1) : T(0);
+      }
   }
 
-  // The plane's values, [height * width], written by the caller before set_rows.
-  T* values() { return columns[pad].data() + slack; }
-  const T* values() const { return columns[pad].data() + slack; }
+  // The plane's values, [height * width].
+  T* values() { return data.data() + slack; }
+  const T* values() const { return data.data() + slack; }
 
-  // The array that tap column b reads, indexed like the plane.
-  const T* source(int b) const { return columns[b].data() + slack; }
-
-  // Copy rows [row0, row1) of values() into the shifted copies.
-  void set_rows(int64_t row0, int64_t row1) {
-    for (int b = 0; b < k; ++b) {
-      if (b == pad) continue;
-      T* dst = columns[b].data() + slack;
-      std::copy(values() + row0 * width, values() + row1 * width, dst + row0 * width);
-      // Shift d < 0 wraps into the last -d columns of the row above, d > 0 into the first d of the row below.
-      const int64_t d = b - pad;
-      const int64_t col0 = std::max<int64_t>(d < 0 ? width + d : 0, 0), col1 = std::min<int64_t>(d < 0 ? width : d, width);
-      for (int64_t i = row0; i < row1; ++i)
-        for (int64_t j = col0; j < col1; ++j) dst[i * width + j] = T(0);
-    }
-  }
+  // Tap column b's mask, indexed like the plane (all ones for the centre column).
+  const T* keep(int b) const { return mask.data() + b * height * width; }
 };
 
 // store(q, value) for q in [row0 * W, row1 * W) (flat positions of the plane), value = the depthwise convolution
-// (taps [k * k], zero padding k / 2) of `in` at q; needs in's rows up to row1 + k / 2. Taps accumulate in row-major
-// order; the zero slack rows of ShiftedColumns make every row alike. The 3x3 kernel of GhostNet takes all nine taps
-// in one register-blocked pass; other sizes accumulate one flat loop per tap in `scratch` (row1 - row0 rows).
-// store is inlined into the vectorised loops.
+// (taps [k * k], zero padding k / 2) of `in` at q; needs in's rows up to row1 + k / 2. The zero slack rows of
+// PaddedPlane make every row alike; a tap column's reads that wrapped into the next row are selected away (not
+// multiplied: a non-finite value in another column must not reach the output). The 3x3 kernel of GhostNet takes all
+// nine taps in one register-blocked pass, summed column by column; other sizes accumulate one flat loop per tap, in
+// row-major order, in `scratch` (row1 - row0 rows). store is inlined into the vectorised loops.
 template <typename T, typename Store>
-void depthwise_rows(const ShiftedColumns<T>& in, const T* taps, int64_t row0, int64_t row1, T* scratch,
+void depthwise_rows(const PaddedPlane<T>& in, const T* taps, int64_t row0, int64_t row1, T* scratch,
                     const Store& store) {
   const int64_t width = in.width, k = in.k, pad = in.pad, q0 = row0 * width, q1 = row1 * width;
+  const T* x = in.values();
   if (k == 3) {
-    const T* s0 = in.source(0) - width - 1;
-    const T* s1 = in.source(1) - width;
-    const T* s2 = in.source(2) - width + 1;
+    const T* up = x - width;
+    const T* down = x + width;
+    const T *keep_left = in.keep(0), *keep_right = in.keep(2);
     const T w0 = taps[0], w1 = taps[1], w2 = taps[2], w3 = taps[3], w4 = taps[4], w5 = taps[5], w6 = taps[6],
             w7 = taps[7], w8 = taps[8];
 #pragma omp simd
-    for (int64_t q = q0; q < q1; ++q)
-      store(q, w0 * s0[q] + w1 * s1[q] + w2 * s2[q] + w3 * s0[q + width] + w4 * s1[q + width] + w5 * s2[q + width] +
-                   w6 * s0[q + 2 * width] + w7 * s1[q + 2 * width] + w8 * s2[q + 2 * width]);
+    for (int64_t q = q0; q < q1; ++q) {
+      const T left = w0 * up[q - 1] + w3 * x[q - 1] + w6 * down[q - 1];
+      const T centre = w1 * up[q] + w4 * x[q] + w7 * down[q];
+      const T right = w2 * up[q + 1] + w5 * x[q + 1] + w8 * down[q + 1];
+      store(q, (keep_left[q] != T(0) ? left : T(0)) + centre + (keep_right[q] != T(0) ? right : T(0)));
+    }
     return;
   }
   T* acc = scratch - q0;  // indexed by flat position
   std::fill(acc + q0, acc + q1, T(0));
   for (int t = 0; t < k * k; ++t) {
+    const int b = t % k;
     const T w = taps[t];
-    const T* src = in.source(t % k) + (t / k - pad) * width + (t % k - pad);
+    const T* src = x + (t / k - pad) * width + (b - pad);
+    const T* keep = in.keep(b);
+    if (b == pad) {
 #pragma omp simd
-    for (int64_t q = q0; q < q1; ++q) acc[q] += w * src[q];
+      for (int64_t q = q0; q < q1; ++q) acc[q] += w * src[q];
+    } else {
+#pragma omp simd
+      for (int64_t q = q0; q < q1; ++q) {
+        const T term = w * src[q];  // read unconditionally: a conditional read would not vectorise
+        acc[q] += keep[q] != T(0) ? term : T(0);
+      }
+    }
   }
 #pragma omp simd
   for (int64_t q = q0; q < q1; ++q) store(q, acc[q]);
@@ -383,20 +392,23 @@ double blocked_sum(int64_t begin, int64_t end, const Term& term) {
 // taps_grad[a * k + b] += sum over outputs q of grad[q] * (the input tap (a, b) reads at q): the weight gradient of
 // depthwise_rows over the whole plane.
 template <typename T>
-void depthwise_weight_grad(const ShiftedColumns<T>& in, const T* grad, double* taps_grad) {
+void depthwise_weight_grad(const PaddedPlane<T>& in, const T* grad, double* taps_grad) {
   const int64_t width = in.width, k = in.k, pad = in.pad;
   for (int a = 0; a < k; ++a) {
     const TapRange rows = tap_outputs(a, in.height, k);
     for (int b = 0; b < k && rows.lo < rows.hi; ++b) {
-      const T* src = in.source(b) + (a - pad) * width + (b - pad);
-      taps_grad[a * k + b] +=
-          blocked_sum<T>(rows.lo * width, rows.hi * width, [&](int64_t q) { return grad[q] * src[q]; });
+      const T* src = in.values() + (a - pad) * width + (b - pad);
+      const T* keep = in.keep(b);
+      taps_grad[a * k + b] += blocked_sum<T>(rows.lo * width, rows.hi * width, [&](int64_t q) {
+        const T term = grad[q] * src[q];  // read unconditionally: a conditional read would not vectorise
+        return keep[q] != T(0) ? term : T(0);
+      });
     }
   }
 }
 
 // The taps of the transposed convolution: the kernel rotated by 180 degrees. depthwise_rows of the output gradient
-// (as ShiftedColumns) with these taps is the input gradient of depthwise_rows.
+// (as PaddedPlane) with these taps is the input gradient of depthwise_rows.
 template <typename T>
 void rotated_taps(const T* taps, int k, T* out) {
   for (int t = 0; t < k * k; ++t) out[t] = taps[k * k - 1 - t];

@@ -35,12 +35,12 @@ void gate_grad(const Gate<T>& gate, const T* grad, int64_t n, int64_t c, T* dgat
 // Per-thread buffers of the passes over one primary plane.
 template <typename T>
 struct Scratch {
-  ShiftedColumns<T> a1;      // act(BN0(y1)) of the plane, read by the cheap convolutions
+  PaddedPlane<T> a1;         // act(BN0(y1)) of the plane, read by the cheap convolutions
   std::vector<T> conv;       // depthwise_rows' accumulator for border rows
   std::vector<T> gate;       // the gate at full resolution for the rows at hand
   // backward
   std::vector<T> y2;         // a cheap convolution's output
-  ShiftedColumns<T> dy;      // the gradient of a cheap convolution's output
+  PaddedPlane<T> dy;         // the gradient of a cheap convolution's output
   std::vector<T> a1_grad, product, rotated;
 
   Scratch(const GhostSizes& s, int64_t rows, bool backward)
@@ -54,7 +54,6 @@ struct Scratch {
 template <typename T>
 void primary_plane(const GhostBranch<T>& g, int64_t n, int64_t c, Scratch<T>& sc) {
   primary_values(g.y1_plane(n, c), g.primary_affine[c], g.relu, 0, g.sizes.height * g.sizes.width, sc.a1.values());
-  sc.a1.set_rows(0, g.sizes.height);
 }
 
 // A backward task: primary channels [c0, c1) of sample n, with their cheap channels.
@@ -286,7 +285,6 @@ void ghost_write_nchw(const GhostBranch<T>& g, const Gate<T>* gate, T* out) {
               o[q] = a1[q] * gq[q];
             }
           }
-          if (kept > 0) sc.a1.set_rows(ready, needed);
           ready = needed;
         }
         for (int64_t r = 0; r < kept; ++r) {  // cheap channels: convolution, BN, act, gate, one store
@@ -470,7 +468,6 @@ GhostGrads ghost_backward(const GhostBranch<T>& g, const T* grad_out, const Gate
         const T* y2 = sc.y2.data();
 #pragma omp simd
         for (int64_t q = 0; q < size; ++q) dy[q] = k.a * dy[q] + k.b * y2[q] + k.c;
-        sc.dy.set_rows(0, s.height);
         depthwise_weight_grad(sc.a1, dy, tap_partials.data() + (n * s.cheap + j) * taps);
         rotated_taps(cheap_weight + j * taps, static_cast<int>(s.dw), sc.rotated.data());
         if (r == 0)

@@ -29,6 +29,10 @@ constexpr int64_t kVector = 16;
 
 int64_t round_up(int64_t n) { return (n + kVector - 1) / kVector * kVector; }
 
+// Planes narrower than this load and store through a map of positions (PhasedPlane): their rows are too short for the
+// vectorised row splitting.
+constexpr int64_t kNarrowWidth = 16;
+
 // One plane with its zero padding, split into stride phases in both axes: phase (p, r) holds the padded positions
 // (u, v) = (i * s + p, j * s + r) at [i, j] of a [rows, cols] array (ghostfused/depthwise.h: stride_phase_span).
 // Tap (a, b) of output (oi, oj) then reads phase (a % s, b % s) at [oi + a / s, oj + b / s]: with outputs indexed
@@ -39,6 +43,9 @@ struct PhasedPlane {
   int64_t height, width, stride, pad, rows, cols, phase_size;
   std::vector<T> data;
   std::vector<std::pair<int64_t, int64_t>> columns;  // [stride]: phase_columns
+  // Narrow planes: the phased position of every plane element, so that load and store are one flat loop (row by
+  // row, the per-row work was most of a 14x14 plane's load: the 7x7 outputs of GhostNetV2's last strided layers).
+  std::vector<int32_t> positions;
 
   explicit PhasedPlane(const DepthwiseSizes& s)
       : height(s.height), width(s.width), stride(s.stride), pad(depthwise_padding(s.k)),
@@ -46,6 +53,13 @@ struct PhasedPlane {
         // slack past the last row: a flat loop's last margin reads up to (k - 1) / s + kVector further
         phase_size(rows * cols + (s.k - 1) / s.stride + kVector), data(stride * stride * phase_size, T(0)) {
     for (int64_t r = 0; r < stride; ++r) columns.push_back(phase_columns(r));
+    if (width < kNarrowWidth)
+      for (int64_t i = 0; i < height; ++i)
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t u = i + pad, v = j + pad;
+          positions.push_back(static_cast<int32_t>((u % stride * stride + v % stride) * phase_size +
+                                                   u / stride * cols + v / stride));
+        }
   }
 
   // Flat output positions a loop over outputs covers (out_h rows of cols, rounded up).
@@ -60,6 +74,10 @@ struct PhasedPlane {
 
   // Fill from an [height, width] plane. Padding positions are never written, so they stay zero.
   void load(const T* plane) {
+    if (!positions.empty()) {
+      for (size_t q = 0; q < positions.size(); ++q) data[positions[q]] = plane[q];
+      return;
+    }
     for (int64_t i = 0; i < height; ++i) {
       const T* padded = plane + i * width - pad;  // padded position u at padded[u], read only inside the row
       const auto [q0, q1] = both_phases();
@@ -73,6 +91,10 @@ struct PhasedPlane {
 
   // The inverse of load: plane[i * width + j] from the phases (padding positions dropped).
   void store(T* plane) {
+    if (!positions.empty()) {
+      for (size_t q = 0; q < positions.size(); ++q) plane[q] = data[positions[q]];
+      return;
+    }
     for (int64_t i = 0; i < height; ++i) {
       T* padded = plane + i * width - pad;
       const auto [q0, q1] = both_phases();

@@ -269,9 +269,9 @@ struct PaddedPlane {
       : height(height), width(width), k(k), pad(k / 2), slack(pad * width + pad),
         data(height * width + 2 * slack, T(0)), mask(k * height * width) {
     for (int b = 0; b < k; ++b)
-      for (int64_t q = 0; q < height * width; ++q) {
-        const int64_t j = q % width + b - pad;
-        mask[b * height * width + q] = j >= 0 && j < width ? T(1) : T(0);
+      for (int64_t i = 0; i < height; ++i) {
+        T* row = mask.data() + (b * height + i) * width;
+        for (int64_t j = 0; j < width; ++j) row[j] = j + b - pad >= 0 && j + b - pad < width ? T(1) : T(0);
       }
   }
 

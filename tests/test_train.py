@@ -99,8 +99,8 @@ def assert_buffers_close(actual: dict, expected: dict, what: str, rtol: float, a
 def assert_same_training(backend: str, device: str):
     """The fused model trains as eager does: 20 free-running SGD steps (momentum 0.9) in float64 from the same
     weights and batches give the same losses (1e-4 relative) and running statistics; and each float32 step taken
-    from eager's weights gives eager's loss (1e-4 relative), gradient (5e-3 relative norm) and running
-    statistics."""
+    from eager's weights gives eager's loss (1e-4 relative), gradient (relative norm: 1e-4 in the median step, 5e-2
+    in every step) and running statistics."""
     expected_losses, expected_buffers = eager_free_running(device)
     spread_losses, spread_buffers = eager_rounding_spread(device)
     fused = ghostfused.convert(initial_model(device, torch.float64), backend=backend)
@@ -119,16 +119,23 @@ def assert_same_training(backend: str, device: str):
         assert ((buffer - expected).abs() <= bound).all(), f"float64 after 20 steps {name}"
 
     fused = ghostfused.convert(initial_model(device, torch.float32), backend=backend)
+    errors = []
     for step, ((state, expected_loss, expected_grad, expected_buffers), (images, targets)) in enumerate(
             zip(eager_steps(device), batches(device, torch.float32))):
         fused.load_state_dict(state)
         loss, grad = sgd_step(fused, device, images, targets)
         assert abs(loss - expected_loss) <= 1e-4 * abs(expected_loss), f"float32 step {step}: {loss} vs {expected_loss}"
-        error = ((grad - expected_grad).norm() / expected_grad.norm()).item()
-        # A ReLU input within rounding of zero flips its mask in one implementation and not the other: eager's own
-        # float32 gradient departs from its float64 one by 1.1e-3 at one step of this run. A wrong formula is O(1).
-        assert error <= 5e-3, f"float32 step {step}: gradient differs from eager's by {error:.2e} (relative norm)"
+        errors.append(((grad - expected_grad).norm() / expected_grad.norm()).item())
+        # A wrong formula is O(1) at every step.
+        assert errors[-1] <= 5e-2, f"float32 step {step}: gradient differs from eager's by {errors[-1]:.2e} (relative)"
         assert_buffers_close(dict(fused.named_buffers()), expected_buffers, f"float32 step {step}", 1e-4, 1e-5)
+    # A ReLU input within float32 rounding of zero takes its mask from the rounding, and one flip moves a step's whole
+    # gradient: eager's own float32 gradient departs from its float64 one by 1.1e-3 at one step of this run, and at
+    # 3863f6b the cpu backend's by 1.7e-2 at step 12 (an input of 6e-6, 2e-6 of its layer's largest, in
+    # blocks.8.3.ghost1's cheap ReLU, on 2x2 planes; eager's float32 keeps the float64 side). Typical steps agree to
+    # about 1e-5.
+    median = sorted(errors)[len(errors) // 2]
+    assert median <= 1e-4, f"float32: median relative gradient error over the steps {median:.2e} (per step: {errors})"
 
 
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])

@@ -1,8 +1,8 @@
 // stem on the CPU: GhostNetV2's stem in eval mode, act(BN(conv(x))) for a dense k x k convolution (odd k, zero
 // padding k / 2, any stride) of few input channels (an image's three), one pass that writes each output once.
 //
-// Eager's stem (oneDNN) at batch 8 spent most of its time in page faults: its 6.4 MB output and a reorder buffer of
-// the same size were fresh memory at every call (ghostfused/ops/stem.py has the measurements). This kernel's output
+// Eager's stem (oneDNN) page-faults at every batch-8 call: its 6.4 MB output and a reorder buffer of the same size
+// are fresh memory each time (ghostfused/ops/stem.py has the measurements). This kernel's output
 // comes from the block cache (block_cache.h), with the BatchNorm folded into the taps and a bias and the ReLU
 // applied as each output is stored.
 //

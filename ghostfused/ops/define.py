@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import backends
 from . import checks
-from .direct import in_onnx_export, plain_eager, unobserved
+from .direct import in_onnx_export, kernel_call_allowed, plain_eager, unobserved
 from ..reference import memory_format_of, stats_dtype
 
 _OP_NAMES = {}  # forward op -> op name, for run_fused_op
@@ -199,6 +199,6 @@ def eval_kernel_output(name: str, backend: str, args) -> Tensor | None:
     device = x.device
     resolved = backends.resolve(backend, device)
     if (resolved not in _KERNELS_CHECK_ARGUMENTS or name not in backends.KERNEL_OPS[resolved]
-            or torch.is_autocast_enabled(device.type) or not unobserved(args) or in_onnx_export()):
+            or not kernel_call_allowed(device.type, args)):
         return None
     return backends.implementation(resolved, name).forward(*args)[0]

@@ -63,3 +63,10 @@ def unobserved(args) -> bool:
     if not _PLAIN_TYPES.issuperset(map(type, flat)):
         return False
     return not torch.is_grad_enabled() or not any(map(_requires_grad, (t for t in flat if isinstance(t, Tensor))))
+
+
+def kernel_call_allowed(device_type: str, args) -> bool:
+    """Whether a module may call a C++ kernel with ``args`` straight away, skipping the op: nothing observes the call
+    (:func:`unobserved`), autocast is off on ``device_type`` (the public functions cast) and no ONNX export runs (the
+    reference does). ``unobserved`` is asked first: under torch.compile nothing after it runs."""
+    return unobserved(args) and not torch.is_autocast_enabled(device_type) and not in_onnx_export()

@@ -2,11 +2,13 @@
 (``csrc/cpu/stem.cpp``: a dense k x k convolution of few input channels, the BatchNorm folded into its taps, the ReLU
 applied as each output is stored).
 
-Eager's stem (oneDNN, 3 -> 16 channels, 3x3, stride 2) spends most of its batch-8 time in page faults: its 6.4 MB
-output and a reorder buffer of the same size are fresh memory at every call, which glibc maps anew (about 3100
-minor faults per call). The kernel writes into the ``cpu`` kernels' block cache instead. It has no backward, so it
-serves inference only: training, a call that records a graph, autocast, ONNX export and torch.compile run the
-layers, as do the other backends (cuDNN is fast) and channels_last inputs (oneDNN's own layout).
+Eager's stem (oneDNN, 3 -> 16 channels, 3x3, stride 2) page-faults at every batch-8 call: its 6.4 MB output and a
+reorder buffer of the same size are fresh memory each time, which glibc maps anew. The kernel writes into the
+``cpu`` kernels' block cache instead: with it the fused model's minor faults per batch-8 forward, each model alone,
+fell from 3569-3706 to 36-173 (``benchmarks/cpu_ops.py --faults --alone``: benchmarks/results/cpu-20261206-003924
+before, cpu-20261206-022113 and cpu-20261206-022425 after). It has no backward, so it serves inference only:
+training, a call that records a graph, autocast, ONNX export and torch.compile run the layers, as do the other
+backends (cuDNN is fast) and channels_last inputs (oneDNN's own layout).
 """
 
 import torch
@@ -16,7 +18,7 @@ from torch import Tensor
 from .. import backends
 from ..reference import memory_format_of
 from .batch_norm import is_fusable, module_schema_lists
-from .direct import in_onnx_export, unobserved
+from .direct import kernel_call_allowed
 
 # Taps per output (Cin * k * k) of the convolutions the direct kernel takes: the stem's 27, with room for 5x5
 # kernels; wider convolutions are GEMM work, which oneDNN does well.
@@ -56,7 +58,7 @@ def stem_kernel_output(conv: nn.Conv2d, bn: nn.Module, act: nn.Module, x: Tensor
         return None
     lists = module_schema_lists([bn])
     args = (x, conv.weight, conv.bias, *lists)
-    # unobserved first: under torch.compile nothing after it runs (dynamo refuses to trace the extension's import)
-    if not unobserved(args) or torch.is_autocast_enabled("cpu") or in_onnx_export() or backends.extension() is None:
+    # the extension last: under torch.compile dynamo refuses to trace its import
+    if not kernel_call_allowed("cpu", args) or backends.extension() is None:
         return None
     return torch.ops.ghostfused_C.stem_forward(*args, conv.stride[0], type(act) is nn.ReLU)

@@ -6,7 +6,19 @@
 // output in training, the CUDA ones nothing). The CPU kernels register under the CPU dispatch key
 // (csrc/cpu/<op>.cpp), the CUDA ones under CUDA (csrc/cuda/<op>_glue.cpp); the `cpu` and `cuda` backends call
 // torch.ops.ghostfused_C.<op>_forward / _backward and the dispatcher picks by device.
+//
+// The module also has a Python entry point per kernel (ghostfused._C.<op>_forward, ...), which the backends call:
+// the kernel through the dispatcher unboxed, below autograd, as a custom op's implementation runs. A call through
+// torch.ops boxes every argument into the dispatcher's stack (tens of values for five BatchNorms) and unboxes it
+// again, which costs more than a small kernel at batch 1.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/extension.h>
+
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "cpu/block_cache.h"
 #include "ghostfused/batch_norm.h"
@@ -33,6 +45,86 @@ TORCH_LIBRARY(ghostfused_C, m) {
 }
 
 namespace {
+
+// How a Python entry point receives an argument that the kernel takes as T: an owning value pybind11 converts from
+// Python (a list into a vector, a str into a std::string), lent to the kernel as T.
+template <typename T>
+struct Received {
+  using type = std::decay_t<T>;
+  static T lend(const type& value) { return value; }
+};
+
+template <>
+struct Received<at::TensorList> {
+  using type = std::vector<at::Tensor>;
+  static at::TensorList lend(const type& value) { return value; }
+};
+
+template <>
+struct Received<at::ArrayRef<double>> {
+  using type = std::vector<double>;
+  static at::ArrayRef<double> lend(const type& value) { return value; }
+};
+
+template <>
+struct Received<c10::string_view> {
+  using type = std::string;
+  static c10::string_view lend(const type& value) { return value; }
+};
+
+template <>
+struct Received<std::optional<c10::string_view>> {
+  using type = std::optional<std::string>;
+  static std::optional<c10::string_view> lend(const type& value) {
+    return value.has_value() ? std::optional<c10::string_view>(*value) : std::nullopt;
+  }
+};
+
+template <typename Signature>
+struct EntryPoint;
+
+// The Python entry point of kernel `name` (schema name, signature Result(Args...)): a typed dispatcher call below
+// autograd (what a custom op's autograd fallback does before it redispatches), so the dispatcher picks the kernel
+// by the arguments' devices and records the call for the profiler, as for torch.ops. The signature is checked
+// against the schema here, when the module loads.
+template <typename Result, typename... Args>
+struct EntryPoint<Result(Args...)> {
+  static auto make(const std::string& name) {
+    const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<Result(Args...)>();
+    return [op](const typename Received<Args>::type&... args) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return op.call(Received<Args>::lend(args)...);
+    };
+  }
+};
+
+// Define the Python entry point `name` of kernel ghostfused_C::<name>.
+template <typename Signature>
+void define_entry_point(pybind11::module_& m, const std::string& name) {
+  m.def(name.c_str(), EntryPoint<Signature>::make("ghostfused_C::" + name),
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        ("torch.ops.ghostfused_C." + name + ", called below autograd without boxing its arguments.").c_str());
+}
+
+template <typename Arguments, typename BackwardResult>
+struct OpEntryPoints;
+
+// The entry points of a fused op's forward and backward kernels (<op>_forward, <op>_backward): Arguments is
+// void(the op's argument types, schemas.h), BackwardResult the backward's tuple of gradients.
+template <typename... Args, typename BackwardResult>
+struct OpEntryPoints<void(Args...), BackwardResult> {
+  static void define(pybind11::module_& m, const std::string& op) {
+    define_entry_point<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(Args...)>(m, op + "_forward");
+    define_entry_point<BackwardResult(const at::Tensor&, const at::Tensor&, Args...)>(m, op + "_backward");
+  }
+};
+
+template <size_t... I>
+auto tensor_tuple(std::index_sequence<I...>) -> std::tuple<decltype((void)I, at::Tensor())...>;
+
+// A tuple of n tensors: a backward's results.
+template <size_t n>
+using Tensors = decltype(tensor_tuple(std::make_index_sequence<n>()));
 
 // The shared host/device math of csrc/include/ghostfused, evaluated on the host for tests (tests/test_cpu.py
 // compares it with PyTorch's own pooling, interpolation and convolution).
@@ -72,6 +164,14 @@ at::Tensor depthwise_reference(const at::Tensor& plane, const at::Tensor& taps, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Backward results: one gradient per leading tensor, then the packed BatchNorm weight and bias gradients.
+  OpEntryPoints<void(GHOSTFUSED_GHOST_CONCAT_TYPES), Tensors<5>>::define(m, "ghost_concat");
+  OpEntryPoints<void(GHOSTFUSED_DFC_ATTENTION_TYPES), Tensors<7>>::define(m, "dfc_attention");
+  OpEntryPoints<void(GHOSTFUSED_GHOST_ATTN_TYPES), Tensors<8>>::define(m, "ghost_attn");
+  OpEntryPoints<void(GHOSTFUSED_DEPTHWISE_BN_TYPES), Tensors<4>>::define(m, "depthwise_bn");
+  define_entry_point<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList,
+                                at::TensorList, at::TensorList, at::TensorList, at::ArrayRef<double>, int64_t, bool)>(
+      m, "stem_forward");
   m.def("built_with_cuda", [] { return GHOSTFUSED_WITH_CUDA != 0; },
         "Whether the extension was compiled with its CUDA kernels.");
   m.def("_cpu_block_cache_info", [] {

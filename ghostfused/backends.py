@@ -11,6 +11,9 @@ cpu        CPU                         ``torch.ops.ghostfused_C.<op>_forward`` /
 cuda       CUDA                        the same ``ghostfused_C`` ops, CUDA dispatch key (extension built with CUDA)
 =========  ==========================  ====================================================================
 
+The ``cpu`` and ``cuda`` backends call those kernels through the extension's Python entry points
+(``ghostfused._C.<op>_forward`` / ``_backward``: the dispatcher's call below autograd, without boxing the arguments).
+
 ``"auto"`` resolves to the process default (``set_backend``, ``use_backend``, the ``GHOSTFUSED_BACKEND``
 variable) or, when that is ``"auto"`` too, to the first available backend for the tensor's device:
 ``cuda`` then ``triton`` for CUDA tensors, ``cpu`` for CPU tensors, and ``eager`` otherwise.
@@ -204,9 +207,8 @@ def implementation(name: str, op: str) -> Implementation:
     if name == "triton":
         module = importlib.import_module(f"ghostfused.triton.{op}")
         return _saving_nothing(module.forward, module.backward)
-    extension()  # loading it registers the ghostfused_C ops
-    ops = torch.ops.ghostfused_C
-    return Implementation(getattr(ops, f"{op}_forward"), getattr(ops, f"{op}_backward"))
+    ext = extension()
+    return Implementation(getattr(ext, f"{op}_forward"), getattr(ext, f"{op}_backward"))
 
 
 def _saving_nothing(forward: Callable, backward: Callable) -> Implementation:

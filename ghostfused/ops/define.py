@@ -20,10 +20,11 @@ Both dispatch to ``backends.implementation(backend, op)``. The backward is an op
 sees them, so that a direct call of ``torch.ops.ghostfused.<op>`` raises as the public function does: the Python
 checks of the op for the backends written in Python, the C++ kernels' own checks (TORCH_CHECK) for ``cpu`` and
 ``cuda``; the fake kernels check that all tensors share one device (the dispatcher sends a call that mixes meta and
-real tensors to them). The public op functions call the forward op through
-:func:`run_fused_op`, which computes the eager reference instead while a model is exported to ONNX, and takes
-shorter ways for a plain eager call (the implementation directly for inference, the op's own autograd node for
-training); :func:`eval_kernel_output` is the fused modules' way to a kernel in eval mode.
+real tensors to them). The public op functions call the forward op through :func:`call_fused_op`: in eval mode
+the C++ kernel at once where nothing observes the call (:func:`eval_kernel_output`, the fused modules' way to a
+kernel too), else :func:`run_fused_op`, which computes the eager reference instead while a model is exported to ONNX,
+and takes shorter ways for a plain eager call (the implementation directly for inference, the op's own autograd
+node for training).
 """
 
 from typing import Callable
@@ -33,10 +34,12 @@ from torch import Tensor
 
 from .. import backends
 from . import checks
+from .batch_norm import as_batch_norm, schema_lists, sync_group_name, training_counts, update_running_stats
 from .direct import in_onnx_export, kernel_call_allowed, plain_eager, unobserved
 from ..reference import memory_format_of, stats_dtype
 
 _OP_NAMES = {}  # forward op -> op name, for run_fused_op
+_CHECKS = {}  # forward op -> its check_arguments, for call_fused_op
 _FORWARDS = {}  # forward op -> its Python implementation, for run_fused_op
 _NODES = {}  # forward op -> (number of leading tensors, its autograd.Function), for run_fused_op
 _KERNELS_CHECK_ARGUMENTS = ("cpu", "cuda")  # backends whose kernels validate their own arguments (C++ TORCH_CHECK)
@@ -157,6 +160,7 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
                 {"forward": staticmethod(node_forward), "backward": staticmethod(node_backward)})
 
     _OP_NAMES[forward_op] = name
+    _CHECKS[forward_op] = check_arguments
     _FORWARDS[forward_op] = forward
     _NODES[forward_op] = (num_tensors, node)
     return forward_op
@@ -181,24 +185,73 @@ def run_fused_op(op, *args):
     return op(*args)
 
 
-def eval_kernel_output(name: str, backend: str, args) -> Tensor | None:
+def call_fused_op(op, tensors, batch_norms, bn_names, flags, training: bool, backend: str, counts) -> Tensor:
+    """A public op function's call of forward op ``op`` (made by :func:`define_fused_op`) after its autocast cast.
+
+    tensors: the schema's leading tensors (x first); batch_norms: its BatchNorm arguments (modules or
+    ``BatchNorm`` states), named ``bn_names`` in messages; flags: the schema's arguments between ``bn_eps`` and
+    ``training``; counts: values per channel of each BatchNorm in this process's batch (for the running updates).
+    Validates everything (SPEC section 5), updates the running statistics in training and returns the output.
+
+    In eval mode a call that nothing observes goes straight to a C++ kernel (:func:`eval_kernel_output`), whose own
+    checks (TORCH_CHECK) stand in for the Python ones: those cost more than the kernel at batch 1. Should the kernel
+    refuse the arguments, the Python checks run then, so the error is the one they raise (ValueError / TypeError
+    naming the argument) wherever they find the fault.
+    """
+    x = tensors[0]
+    bns = [as_batch_norm(bn, name) for bn, name in zip(batch_norms, bn_names)]
+    lists = schema_lists(bns)
+    check = _CHECKS[op]
+    if not training:
+        args = (*tensors, *lists, *flags, False, None)
+        out = eval_kernel_output(_OP_NAMES[op], backend, args, diagnose=lambda: check(*args, bn_names=bn_names))
+        if out is not None:
+            _check_momenta(bns, bn_names)
+            return out
+    group = sync_group_name(batch_norms, bn_names) if training else None
+    check(*tensors, *lists, *flags, training, group, bn_names=bn_names)
+    _check_momenta(bns, bn_names)
+    counts = training_counts(counts, group, x.device) if training else None
+    out, stats_mean, stats_var, _ = run_fused_op(op, *tensors, *lists, *flags, bool(training), group,
+                                                 backends.resolve(backend, x.device))
+    if training:
+        update_running_stats(bns, stats_mean, stats_var, counts)
+    return out
+
+
+def _check_momenta(bns, bn_names) -> None:
+    for bn, name in zip(bns, bn_names):
+        checks.check_momentum(bn, name)
+
+
+def eval_kernel_output(name: str, backend: str, args, diagnose: Callable | None = None) -> Tensor | None:
     """The output of an eval-mode call of op ``name`` computed by ``backend``'s C++ kernel at once, or None when
     the call must take the public op function's way.
 
-    For the fused modules (``ghostfused.nn``), whose layers were checked when the module was built. ``args``: the
-    op's schema arguments without ``backend``, with ``training`` False and no sync group. The public functions'
-    Python checks and the dispatcher round trip cost more than the kernel on the small inputs of batch-1 inference
-    (``benchmarks/cpu_ops.py --overhead``); the C++ kernels check every argument themselves (TORCH_CHECK: ranks,
-    shapes, dtypes, devices, with messages naming the argument), so a call that nothing observes
-    (:func:`unobserved`), outside autocast (the public function casts) and ONNX export (the reference runs), skips
-    nothing by going straight to the kernel. Backends without C++ kernels, or without one for this op, return None.
+    For the fused modules (``ghostfused.nn``), whose layers were checked when the module was built, and the public
+    op functions (:func:`call_fused_op`). ``args``: the op's schema arguments without ``backend``, with ``training``
+    False and no sync group. The public functions' Python checks and the dispatcher round trip cost more than the
+    kernel on the small inputs of batch-1 inference (``benchmarks/cpu_ops.py --overhead``); the C++ kernels check
+    every argument themselves (TORCH_CHECK: ranks, shapes, dtypes, devices, with messages naming the argument), so a
+    call that nothing observes (:func:`unobserved`), outside autocast (the public function casts) and ONNX export
+    (the reference runs), skips nothing by going straight to the kernel. When the kernel refuses the arguments,
+    ``diagnose()`` runs before its error propagates (the public functions' Python checks, which raise their own).
+    Backends without C++ kernels, or without one for this op, return None.
     """
     x = args[0]
     if not isinstance(x, Tensor):
         return None
     device = x.device
-    resolved = backends.resolve(backend, device)
+    try:
+        resolved = backends.resolve(backend, device)
+    except (TypeError, ValueError, backends.BackendUnavailableError):  # the public function's way raises it
+        return None
     if (resolved not in _KERNELS_CHECK_ARGUMENTS or name not in backends.KERNEL_OPS[resolved]
             or not kernel_call_allowed(device.type, args)):
         return None
-    return backends.implementation(resolved, name).forward(*args)[0]
+    try:
+        return backends.implementation(resolved, name).forward(*args)[0]
+    except (RuntimeError, TypeError, ValueError):
+        if diagnose is not None:
+            diagnose()
+        raise

@@ -8,12 +8,10 @@ with one autograd node. The gate lives at quarter resolution only.
 import torch
 from torch import Tensor
 
-from .. import backends
 from ..reference import memory_format_of
 from . import checks
-from .batch_norm import as_batch_norm, schema_lists, sync_group_name, training_counts, update_running_stats
 from .autocast import cast_for_autocast
-from .define import define_fused_op, run_fused_op
+from .define import call_fused_op, define_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor features, Tensor conv_weight, Tensor horizontal_weight, Tensor vertical_weight, "
              "Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, "
@@ -91,18 +89,7 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
     checks.check_input(x)
     x, features, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
         x, features, conv_weight, horizontal_weight, vertical_weight)
-    given = (conv_bn, horizontal_bn, vertical_bn)
-    bns = [as_batch_norm(bn, name) for bn, name in zip(given, BN_NAMES)]
-    group = sync_group_name(given, BN_NAMES) if training else None
-    check_arguments(x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample,
-                    training, group, bn_names=BN_NAMES)
-    for bn, name in zip(bns, BN_NAMES):
-        checks.check_momentum(bn, name)
     pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
-    counts = training_counts([pooled_count] * 3, group, x.device) if training else None
-    out, stats_mean, stats_var, _ = run_fused_op(
-        dfc_attention_op, x, features, conv_weight, horizontal_weight, vertical_weight, *schema_lists(bns), upsample,
-        bool(training), group, backends.resolve(backend, x.device))
-    if training:
-        update_running_stats(bns, stats_mean, stats_var, counts)
-    return out
+    return call_fused_op(dfc_attention_op, (x, features, conv_weight, horizontal_weight, vertical_weight),
+                         (conv_bn, horizontal_bn, vertical_bn), BN_NAMES, (upsample,), training, backend,
+                         [pooled_count] * 3)

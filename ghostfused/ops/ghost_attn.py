@@ -6,12 +6,10 @@ multiply by the upsampled gate inside the single write of the full-resolution ou
 
 from torch import Tensor
 
-from .. import backends
 from ..reference import memory_format_of
 from . import checks
-from .batch_norm import as_batch_norm, schema_lists, sync_group_name, training_counts, update_running_stats
 from .autocast import cast_for_autocast
-from .define import define_fused_op, run_fused_op
+from .define import call_fused_op, define_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor conv_weight, Tensor horizontal_weight, "
              "Tensor vertical_weight, Tensor[] bn_weight, Tensor[] bn_bias, Tensor[] bn_mean, Tensor[] bn_var, "
@@ -73,19 +71,9 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
     checks.check_input(x)
     x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
         x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight)
-    given = (primary_bn, cheap_bn, conv_bn, horizontal_bn, vertical_bn)
-    bns = [as_batch_norm(bn, name) for bn, name in zip(given, BN_NAMES)]
-    group = sync_group_name(given, BN_NAMES) if training else None
-    check_arguments(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
-                    *schema_lists(bns), oup, relu, upsample, training, group, bn_names=BN_NAMES)
-    for bn, name in zip(bns, BN_NAMES):
-        checks.check_momentum(bn, name)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
-    counts = training_counts([count, count] + [pooled_count] * 3, group, x.device) if training else None
-    out, stats_mean, stats_var, _ = run_fused_op(
-        ghost_attn_op, x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
-        *schema_lists(bns), oup, bool(relu), upsample, bool(training), group, backends.resolve(backend, x.device))
-    if training:
-        update_running_stats(bns, stats_mean, stats_var, counts)
-    return out
+    return call_fused_op(ghost_attn_op, (x, primary_weight, cheap_weight, conv_weight, horizontal_weight,
+                                         vertical_weight),
+                         (primary_bn, cheap_bn, conv_bn, horizontal_bn, vertical_bn), BN_NAMES,
+                         (oup, bool(relu), upsample), training, backend, [count, count] + [pooled_count] * 3)

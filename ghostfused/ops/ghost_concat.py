@@ -6,12 +6,10 @@ every backend writes both branches straight into their channel ranges of one out
 
 from torch import Tensor
 
-from .. import backends
 from ..reference import memory_format_of
 from . import checks
-from .batch_norm import as_batch_norm, schema_lists, sync_group_name, training_counts, update_running_stats
 from .autocast import cast_for_autocast
-from .define import define_fused_op, run_fused_op
+from .define import call_fused_op, define_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor[] bn_weight, Tensor[] bn_bias, "
              "Tensor[] bn_mean, Tensor[] bn_var, float[] bn_eps, int oup, bool relu, bool training, str? sync_group")
@@ -68,17 +66,6 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
     """
     checks.check_input(x)
     x, primary_weight, cheap_weight = cast_for_autocast(x, primary_weight, cheap_weight)
-    bns = [as_batch_norm(bn, name) for bn, name in zip((primary_bn, cheap_bn), BN_NAMES)]
-    group = sync_group_name((primary_bn, cheap_bn), BN_NAMES) if training else None
-    check_arguments(x, primary_weight, cheap_weight, *schema_lists(bns), oup, relu, training, group,
-                    bn_names=BN_NAMES)
-    for bn, name in zip(bns, BN_NAMES):
-        checks.check_momentum(bn, name)
-    counts = training_counts([x.shape[0] * x.shape[2] * x.shape[3]] * 2, group, x.device) if training else None
-    out, stats_mean, stats_var, _ = run_fused_op(
-        ghost_concat_op, x, primary_weight, cheap_weight, *schema_lists(bns), oup, bool(relu), bool(training), group,
-        backends.resolve(backend, x.device))
-    if training:
-        update_running_stats(bns, stats_mean, stats_var, counts)
-    return out
-
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    return call_fused_op(ghost_concat_op, (x, primary_weight, cheap_weight), (primary_bn, cheap_bn), BN_NAMES,
+                         (oup, bool(relu)), training, backend, [count] * 2)

@@ -58,7 +58,7 @@ def stem_kernel_output(conv: nn.Conv2d, bn: nn.Module, act: nn.Module, x: Tensor
         return None
     lists = module_schema_lists([bn])
     args = (x, conv.weight, conv.bias, *lists)
-    # the extension last: under torch.compile dynamo refuses to trace its import
-    if not kernel_call_allowed("cpu", args) or backends.extension() is None:
+    if not kernel_call_allowed("cpu", args):
         return None
-    return torch.ops.ghostfused_C.stem_forward(*args, conv.stride[0], type(act) is nn.ReLU)
+    ext = backends.extension()  # after the check: under torch.compile dynamo refuses to trace its import
+    return None if ext is None else ext.stem_forward(*args, conv.stride[0], type(act) is nn.ReLU)

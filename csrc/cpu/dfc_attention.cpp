@@ -11,12 +11,16 @@ namespace ghostfused::cpu {
 namespace {
 
 // A depthwise weight [C, 1, 1, K] or [C, 1, K, 1] as [K, C]: tap b of every channel contiguous. Transposed by a
-// plain loop: ATen's transposed copy of these small matrices showed in batch-1 profiles.
+// plain loop per tap (K is a handful): ATen's transposed copy of these small matrices, and then the tiled
+// transpose, whose tiles are mostly edges at K = 3, showed in batch-1 profiles.
 template <typename T>
 at::Tensor taps_by_position(const at::Tensor& weight, int64_t channels, int64_t k) {
-  const at::Tensor src = dense(weight, c10::CppTypeToScalarType<T>::value);
-  at::Tensor out = at::empty({k, channels}, src.options());
-  transpose(src.template data_ptr<T>(), channels, k, k, out.template data_ptr<T>(), channels);
+  const at::Tensor src_tensor = dense(weight, c10::CppTypeToScalarType<T>::value);
+  at::Tensor out = at::empty({k, channels}, src_tensor.options());
+  const T* src = src_tensor.template data_ptr<T>();
+  T* dst = out.template data_ptr<T>();
+  for (int64_t b = 0; b < k; ++b)
+    for (int64_t c = 0; c < channels; ++c) dst[b * channels + c] = src[c * k + b];
   return out;
 }
 

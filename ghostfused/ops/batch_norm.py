@@ -38,8 +38,10 @@ class BatchNorm(NamedTuple):
 def is_fusable(module: nn.Module) -> bool:
     """Whether the fused ops reproduce ``module``: an affine ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``, which
     computes as BatchNorm2d unless :func:`sync_process_group` says otherwise) that tracks running statistics."""
-    return (isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine and module.track_running_stats
-            and module.running_mean is not None and module.num_batches_tracked is not None)
+    if not (isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine and module.track_running_stats):
+        return False
+    buffers = module._buffers  # direct: nn.Module.__getattr__ is slow, and this runs at every call of a fused layer
+    return buffers.get("running_mean") is not None and buffers.get("num_batches_tracked") is not None
 
 
 def sync_process_group(module: nn.Module):

@@ -4,13 +4,12 @@
 // arguments and results as the Python op, without `backend` (ghostfused/ops/define.py: the forward's fourth result,
 // `saved`, is what the backward reads instead of recomputing it; the CPU kernels save the primary convolution's
 // output in training, the CUDA ones nothing). The CPU kernels register under the CPU dispatch key
-// (csrc/cpu/<op>.cpp), the CUDA ones under CUDA (csrc/cuda/<op>_glue.cpp); the `cpu` and `cuda` backends call
-// torch.ops.ghostfused_C.<op>_forward / _backward and the dispatcher picks by device.
+// (csrc/cpu/<op>.cpp), the CUDA ones under CUDA (csrc/cuda/<op>_glue.cpp), and the dispatcher picks by device.
 //
-// The module also has a Python entry point per kernel (ghostfused._C.<op>_forward, ...), which the backends call:
-// the kernel through the dispatcher unboxed, below autograd, as a custom op's implementation runs. A call through
-// torch.ops boxes every argument into the dispatcher's stack (tens of values for five BatchNorms) and unboxes it
-// again, which costs more than a small kernel at batch 1.
+// The `cpu` and `cuda` backends call them through this module's Python entry point per kernel
+// (ghostfused._C.<op>_forward, ...): the kernel through the dispatcher unboxed, below autograd, as a custom op's
+// implementation runs. A call through torch.ops.ghostfused_C boxes every argument onto the dispatcher's stack (tens
+// of values for five BatchNorms) and unboxes it again, which costs more than a small kernel at batch 1.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/extension.h>

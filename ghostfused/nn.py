@@ -134,16 +134,21 @@ class GhostModuleV2(reference.GhostModuleV2):
         short = tuple(modules["short_conv"]._modules.values()) if self.mode == "attn" else ()
         bns = (primary_bn, cheap_bn, *short[1::2])
         training = primary_bn.training
-        if any(bn.training != training for bn in bns) or (
-                training and len({sync_process_group(bn) for bn in bns}) > 1):
+        for bn in bns:  # a loop, not any() over a generator: this runs at every call
+            if bn.training != training:
+                return super().forward(x)
+        if training and len({sync_process_group(bn) for bn in bns}) > 1:
             return super().forward(x)
         relu = isinstance(primary_act, nn.ReLU)
         if not training:  # inference: the kernel at once where nothing observes the call (eval_kernel_output)
-            attn = self.mode == "attn"
-            weights = [_weight(layer) for layer in (primary, cheap, *short[0::2])]
-            flags = (self.oup, relu, self.upsample) if attn else (self.oup, relu)
-            out = eval_kernel_output("ghost_attn" if attn else "ghost_concat", self.backend,
-                                     (x, *weights, *module_schema_lists(bns), *flags, False, None))
+            lists = module_schema_lists(bns)
+            if short:
+                out = eval_kernel_output("ghost_attn", self.backend, (
+                    x, _weight(primary), _weight(cheap), _weight(short[0]), _weight(short[2]), _weight(short[4]),
+                    *lists, self.oup, relu, self.upsample, False, None))
+            else:
+                out = eval_kernel_output("ghost_concat", self.backend, (
+                    x, _weight(primary), _weight(cheap), *lists, self.oup, relu, False, None))
             if out is not None:
                 return out
         if self.mode == "original":

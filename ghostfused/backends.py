@@ -195,7 +195,6 @@ _resolve_cached = functools.cache(_resolve)
 
 
 @functools.cache
-@functools.cache  # the same answer within a process (a failed requirement raises again); asked at every fused call
 def implementation(name: str, op: str) -> Implementation:
     """Backend ``name``'s forward and backward of op ``op``."""
     require(name)

@@ -10,8 +10,13 @@
 // (ghostfused._C.<op>_forward, ...): the kernel through the dispatcher unboxed, below autograd, as a custom op's
 // implementation runs. A call through torch.ops.ghostfused_C boxes every argument onto the dispatcher's stack (tens
 // of values for five BatchNorms) and unboxes it again, which costs more than a small kernel at batch 1.
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
 #include <string>
@@ -118,6 +123,38 @@ struct OpEntryPoints<void(Args...), BackwardResult> {
   }
 };
 
+// Whether a kernel called with `args` (an op's schema arguments) would be seen by nothing but autograd and record no
+// graph, outside autocast: ghostfused.ops.direct.unobserved's checks of C++ state (tracer, dispatch modes, functorch
+// transforms: torch._C._are_functorch_transforms_active's keys; grad mode) and of the arguments (plain tensors and
+// parameters, no tensor subclass; the schemas' scalars; lists spliced in), with autocast on x's device, in one call
+// (ghostfused.ops.direct.kernel_call_allowed: the fused layers' eval path, where a dozen Python calls cost more than
+// a small kernel). torch.compile and ONNX export are Python state, checked there.
+bool unobserved_kernel_call(const pybind11::tuple& args) {
+  if (args.empty() || !THPVariable_Check(args[0].ptr())) return false;
+  const c10::DeviceType device = THPVariable_Unpack(args[0].ptr()).device().type();
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  if (torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+      tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) ||
+      (at::autocast::is_autocast_available(device) && at::autocast::is_autocast_enabled(device)))
+    return false;
+  const bool grad_mode = c10::GradMode::is_enabled();
+  const auto plain = [grad_mode](PyObject* value) {
+    if (THPVariable_CheckExact(value)) return !grad_mode || !THPVariable_Unpack(value).requires_grad();
+    return value == Py_None || PyBool_Check(value) || PyLong_CheckExact(value) || PyFloat_CheckExact(value) ||
+           PyUnicode_CheckExact(value);
+  };
+  for (const pybind11::handle arg : args) {
+    if (!PyList_CheckExact(arg.ptr())) {
+      if (!plain(arg.ptr())) return false;
+      continue;
+    }
+    for (const pybind11::handle item : arg)
+      if (!plain(item.ptr())) return false;
+  }
+  return true;
+}
+
 template <size_t... I>
 auto tensor_tuple(std::index_sequence<I...>) -> std::tuple<decltype((void)I, at::Tensor())...>;
 
@@ -171,6 +208,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   define_entry_point<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList,
                                 at::TensorList, at::TensorList, at::TensorList, at::ArrayRef<double>, int64_t, bool)>(
       m, "stem_forward");
+  m.def("unobserved_kernel_call", &unobserved_kernel_call, pybind11::arg("args"),
+        "Whether a kernel called with args (x first) would be seen by nothing but autograd, record no graph and run "
+        "outside autocast (ghostfused.ops.direct.kernel_call_allowed).");
   m.def("built_with_cuda", [] { return GHOSTFUSED_WITH_CUDA != 0; },
         "Whether the extension was compiled with its CUDA kernels.");
   m.def("_cpu_block_cache_info", [] {

@@ -54,6 +54,9 @@ GHOST_OPS = ("ghost_concat", "dfc_attention", "ghost_attn")
 KERNEL_OPS = {"eager": GHOST_OPS + ("depthwise_bn",), "triton": GHOST_OPS, "cpu": GHOST_OPS + ("depthwise_bn",),
               "cuda": GHOST_OPS}
 
+# Backends whose kernels are C++ (the extension's entry points) and validate their own arguments (TORCH_CHECK).
+CPP_BACKENDS = ("cpu", "cuda")
+
 # Backends whose forward returns the primary convolution's output in training, for their backward to read instead of
 # recomputing it (see ghostfused.ops.define).
 SAVES_PRIMARY = ("cpu",)
@@ -192,6 +195,26 @@ def _resolve(name: str, device_type: str) -> str:
 _resolve_constant = torch.compiler.assume_constant_result(_resolve)
 # The same answer remembered (a failed resolution raises again): resolve() runs on every fused call.
 _resolve_cached = functools.cache(_resolve)
+
+
+def eval_kernel(name: str, device_type: str, op: str) -> Callable | None:
+    """The C++ forward of op ``op`` that backend ``name`` (or "auto") runs on ``device_type`` tensors, or None when
+    that backend has no C++ kernel for it or cannot run there (the caller takes the op's way, which raises). For
+    callers that have already ruled out torch.compile (``resolve`` asks again)."""
+    if not isinstance(name, str):  # the op's way raises its TypeError
+        return None
+    return _eval_kernel(_default if name == "auto" else name, device_type, op)
+
+
+@functools.cache
+def _eval_kernel(name: str, device_type: str, op: str) -> Callable | None:
+    try:
+        resolved = _resolve_cached(name, device_type)
+    except (TypeError, ValueError, BackendUnavailableError):
+        return None
+    if resolved not in CPP_BACKENDS or op not in KERNEL_OPS[resolved]:
+        return None
+    return implementation(resolved, op).forward
 
 
 @functools.cache

@@ -346,6 +346,50 @@ def test_saved_primary_output_gives_the_recomputed_gradients(op, dtype, channels
         backward(grad, saved[1:], *args)
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _Mode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_kernel_call_allowed_agrees_with_the_python_checks():
+    """``ghostfused.ops.direct.kernel_call_allowed`` (the extension's ``unobserved_kernel_call`` after the Python
+    state) allows a kernel call exactly when ``unobserved`` holds and autocast is off on x's device: plain calls with
+    and without grad mode, parameters needing gradients, tensor subclasses (inside lists too), arguments of other
+    types, a dispatch mode, a functorch transform, the jit tracer and autocast."""
+    from ghostfused.ops import direct
+
+    x = torch.randn(2, 3)
+    param = torch.nn.Parameter(torch.randn(3))
+    frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    cases = [(x, frozen, [x, frozen], [1e-5, 0.1], 3, True, "nearest", None), (x, param, [x], 4, False, None),
+             (x.as_subclass(_Subclass), frozen), (x, [x, x.as_subclass(_Subclass)]), (x, (x,)), (x, object()),
+             (x, [[x]])]
+
+    def verdicts():
+        return [(direct.kernel_call_allowed(args), direct.unobserved(args) and not torch.is_autocast_enabled("cpu"))
+                for args in cases]
+
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            seen = verdicts()
+            assert all(kernel == python for kernel, python in seen), seen
+            assert seen[0] == (True, True) and seen[1][0] is not grad
+    for context in (_Mode, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        with torch.no_grad(), context():
+            assert verdicts() == [(False, False)] * len(cases)
+    traced = []
+    torch.jit.trace(lambda t: traced.append(verdicts()) or t * 2, (x,))
+    assert traced[0] == [(False, False)] * len(cases)
+    transformed = []
+    torch.func.vmap(lambda row: transformed.append(direct.kernel_call_allowed((row,))) or row)(x)
+    assert transformed == [False] and direct.kernel_call_allowed((x,))
+    assert direct.kernel_call_allowed((x.to("meta"), frozen))  # a device without autocast
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The shared host/device math (csrc/include/ghostfused), through the test hooks of ghostfused._C.
 

@@ -42,7 +42,6 @@ _OP_NAMES = {}  # forward op -> op name, for run_fused_op
 _CHECKS = {}  # forward op -> its check_arguments, for call_fused_op
 _FORWARDS = {}  # forward op -> its Python implementation, for run_fused_op
 _NODES = {}  # forward op -> (number of leading tensors, its autograd.Function), for run_fused_op
-_KERNELS_CHECK_ARGUMENTS = ("cpu", "cuda")  # backends whose kernels validate their own arguments (C++ TORCH_CHECK)
 
 
 def _check_devices(names, args) -> None:
@@ -69,7 +68,7 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
 
     def forward(*args):
         *args, backend = args
-        if backend not in _KERNELS_CHECK_ARGUMENTS:
+        if backend not in backends.CPP_BACKENDS:
             check_arguments(*args)
         out, stats_mean, stats_var, saved = backends.implementation(backend, name).forward(*args)
         # A view output (the eager reference's channel slice when oup == init + new) would forbid in-place updates
@@ -78,7 +77,7 @@ def define_fused_op(name: str, arguments: str, num_tensors: int, fake_output: Ca
 
     def backward(grad_out, saved, *args):
         *args, backend = args
-        if backend not in _KERNELS_CHECK_ARGUMENTS:
+        if backend not in backends.CPP_BACKENDS:
             checks.check_grad_out(grad_out, args[0], check_arguments(*args))
         grad_out = grad_out.contiguous(memory_format=memory_format_of(args[0]))
         return backends.implementation(backend, name).backward(grad_out, saved, *args)
@@ -241,16 +240,13 @@ def eval_kernel_output(name: str, backend: str, args, diagnose: Callable | None 
     x = args[0]
     if not isinstance(x, Tensor):
         return None
-    device = x.device
-    try:
-        resolved = backends.resolve(backend, device)
-    except (TypeError, ValueError, backends.BackendUnavailableError):  # the public function's way raises it
+    if not kernel_call_allowed(args):  # first: under torch.compile nothing after it runs
         return None
-    if (resolved not in _KERNELS_CHECK_ARGUMENTS or name not in backends.KERNEL_OPS[resolved]
-            or not kernel_call_allowed(device.type, args)):
+    forward = backends.eval_kernel(backend, x.device.type, name)
+    if forward is None:
         return None
     try:
-        return backends.implementation(resolved, name).forward(*args)[0]
+        return forward(*args)[0]
     except (RuntimeError, TypeError, ValueError):
         if diagnose is not None:
             diagnose()

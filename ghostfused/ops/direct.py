@@ -1,13 +1,19 @@
-"""When a custom-op call may skip the dispatcher: run its Python implementation directly, or its autograd node.
+"""When a custom-op call may skip the dispatcher: run its Python implementation directly, its autograd node, or (in
+eval mode) a backend's C++ kernel at once.
 
-Both checks run on every call, where a small kernel takes microseconds: the arguments are flattened once and their
-types and ``requires_grad`` flags read by C-level iteration (``map``), not a Python loop per tensor.
+The checks run on every call, where a small kernel takes microseconds: the arguments are flattened once and their
+types and ``requires_grad`` flags read by C-level iteration (``map``), not a Python loop per tensor; before a C++
+kernel the extension reads them (:func:`kernel_call_allowed`).
 """
 
+import functools
 import operator
+from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .. import backends
 
 # Argument types of a call that only autograd can see: plain tensors and the schemas' other values. Anything else
 # (a tensor subclass, a SymInt) sends the call through the dispatcher.
@@ -65,8 +71,20 @@ def unobserved(args) -> bool:
     return not torch.is_grad_enabled() or not any(map(_requires_grad, (t for t in flat if isinstance(t, Tensor))))
 
 
-def kernel_call_allowed(device_type: str, args) -> bool:
-    """Whether a module may call a C++ kernel with ``args`` straight away, skipping the op: nothing observes the call
-    (:func:`unobserved`), autocast is off on ``device_type`` (the public functions cast) and no ONNX export runs (the
-    reference does). ``unobserved`` is asked first: under torch.compile nothing after it runs."""
-    return unobserved(args) and not torch.is_autocast_enabled(device_type) and not in_onnx_export()
+def kernel_call_allowed(args) -> bool:
+    """Whether a module may call a C++ kernel with ``args`` (the op's schema arguments, x first) straight away,
+    skipping the op: nothing observes the call (:func:`unobserved`), autocast is off on x's device (the public
+    functions cast) and no ONNX export runs (the reference does). The Python state first (under torch.compile nothing
+    after it runs), then the rest in one call of the extension (``ghostfused._C.unobserved_kernel_call``): on the
+    fused layers' eval path the checks cost more than a small kernel as a dozen Python calls, the more so after other
+    layers have pushed the interpreter's data out of the caches. False without the extension."""
+    if torch.compiler.is_compiling() or in_onnx_export():
+        return False
+    check = _unobserved_kernel_call()
+    return check is not None and check(args)
+
+
+@functools.cache
+def _unobserved_kernel_call() -> Callable | None:
+    ext = backends.extension()
+    return None if ext is None else ext.unobserved_kernel_call

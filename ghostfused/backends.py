@@ -206,6 +206,7 @@ def eval_kernel(name: str, device_type: str, op: str) -> Callable | None:
     return _eval_kernel(_default if name == "auto" else name, device_type, op)
 
 
+# A failed resolution is remembered as None (availability does not change within a process): the op's way raises.
 @functools.cache
 def _eval_kernel(name: str, device_type: str, op: str) -> Callable | None:
     try:

@@ -1,6 +1,7 @@
 """The ``cpu`` backend beyond the generic suite: batch sizes and layouts, bitwise determinism across runs and thread
 counts, options (K, dw, ratio, odd oup, bilinear), reduced precision, the shared host/device math of
-``csrc/include/ghostfused`` against PyTorch, and bad input to the raw ``torch.ops.ghostfused_C`` kernels.
+``csrc/include/ghostfused`` against PyTorch, bad input to the raw ``torch.ops.ghostfused_C`` kernels, and the
+extension's check that nothing observes a kernel call.
 """
 
 import json
@@ -13,6 +14,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ghostfused
 from ghostfused import ops
@@ -350,7 +352,7 @@ class _Subclass(torch.Tensor):
     pass
 
 
-class _Mode(torch.utils._python_dispatch.TorchDispatchMode):
+class _Mode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
 

@@ -20,6 +20,10 @@ TOLERANCES = {  # (rtol, atol) for comparing a backend with the eager reference
 }
 
 
+class PlainSubclass(torch.Tensor):
+    """A tensor subclass with no behaviour of its own: what the ops' shorter ways must not take for a plain tensor."""
+
+
 def cpu_backends() -> list[str]:
     """Backends that run on CPU tensors here (triton only under the interpreter)."""
     return [b for b in ghostfused.available_backends() if backends.supports_device(b, torch.device("cpu"))]

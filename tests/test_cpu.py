@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ghostfused
 from ghostfused import ops
 
-from helpers import assert_close, assert_modules_match, fused_copy, ghost_module, op_arguments
+from helpers import PlainSubclass, assert_close, assert_modules_match, fused_copy, ghost_module, op_arguments
 
 pytestmark = pytest.mark.skipif("cpu" not in ghostfused.available_backends(),
                                 reason="the C++ extension with its cpu kernels is not built")
@@ -348,10 +348,6 @@ def test_saved_primary_output_gives_the_recomputed_gradients(op, dtype, channels
         backward(grad, saved[1:], *args)
 
 
-class _Subclass(torch.Tensor):
-    pass
-
-
 class _Mode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
@@ -368,7 +364,7 @@ def test_kernel_call_allowed_agrees_with_the_python_checks():
     param = torch.nn.Parameter(torch.randn(3))
     frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
     cases = [(x, frozen, [x, frozen], [1e-5, 0.1], 3, True, "nearest", None), (x, param, [x], 4, False, None),
-             (x.as_subclass(_Subclass), frozen), (x, [x, x.as_subclass(_Subclass)]), (x, (x,)), (x, object()),
+             (x.as_subclass(PlainSubclass), frozen), (x, [x, x.as_subclass(PlainSubclass)]), (x, (x,)), (x, object()),
              (x, [[x]])]
 
     def verdicts():

@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ghostfused import ops
 from ghostfused.ops import direct
 
-from helpers import assert_close, assert_modules_match, cpu_backends, fused_copy, ghost_module, run_step
+from helpers import (PlainSubclass, assert_close, assert_modules_match, cpu_backends, fused_copy, ghost_module,
+                     run_step)
 
 BACKENDS = cpu_backends()
 
@@ -205,8 +206,8 @@ def test_inference_skips_the_dispatcher_only_when_nothing_observes_the_op(backen
     assert direct.unobserved(args[:1] + args[2:]) and not direct.unobserved(args)
     with torch.no_grad():
         assert direct.unobserved(args)
-        assert not direct.unobserved((torch.nn.Parameter(x).as_subclass(_Subclass), "cpu"))
-        assert not direct.unobserved((x, [x, x.as_subclass(_Subclass)], "cpu"))  # inside a tensor list too
+        assert not direct.unobserved((torch.nn.Parameter(x).as_subclass(PlainSubclass), "cpu"))
+        assert not direct.unobserved((x, [x, x.as_subclass(PlainSubclass)], "cpu"))  # inside a tensor list too
         assert direct.plain_eager((x, [x, x], [1e-5, 1e-3], 3, True, None, "cpu"))
         assert not direct.plain_eager((x, object()))  # an unknown argument type: the dispatcher decides
 
@@ -280,7 +281,3 @@ def test_training_step_under_modes_and_saved_tensor_hooks(backend, context):
     torch.testing.assert_close(x_leaf.grad, expected_dx, rtol=1e-12, atol=1e-12)
     for (name, p), q in zip(observed.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
-
-
-class _Subclass(torch.Tensor):
-    pass

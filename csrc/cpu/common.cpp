@@ -4,6 +4,10 @@
 
 #include <algorithm>
 
+// MKL's thread-local thread count (its C interface; the lower-case names are the Fortran one, which takes a
+// pointer), exported by torch's MKL builds; weak, so that the extension loads without it.
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+
 namespace ghostfused::cpu {
 
 at::ScalarType compute_dtype(const at::Tensor& x) {
@@ -293,10 +297,26 @@ at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight) {
 
 namespace {
 
+// MKL run single-threaded while it lives, in this thread. A GEMM inside one of our parallel regions runs on one
+// thread anyway, but MKL picks its algorithm from its own thread count, the process's: on AVX-512 CPUs it then
+// split a long reduction (a weight gradient's) differently at 1 and 2 threads, and the results differed.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
 // gemm(begin, length) for fixed chunks of [0, count): at most 16 of at least 64 (a multiple of 16), whatever the
 // thread count: enough to share between threads, few enough that the cost per GEMM call (tens of microseconds)
-// stays small next to the work. As in conv1x1_weight_grad, each GEMM runs single-threaded inside the parallel
-// region, so that the result does not depend on the thread count.
+// stays small next to the work. As in conv1x1_weight_grad, each GEMM runs single-threaded (SequentialBlas) inside
+// the parallel region, so that the result does not depend on the thread count.
 template <typename Gemm>
 void for_each_gemm_chunk(int64_t count, const Gemm& gemm) {
   const int64_t chunk = std::max<int64_t>((count + 16 * 16 - 1) / (16 * 16) * 16, 64);
@@ -306,6 +326,7 @@ void for_each_gemm_chunk(int64_t count, const Gemm& gemm) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const at::ThreadLocalStateGuard guard(state);
+    const SequentialBlas sequential;
     const int64_t begin = c * chunk;
     gemm(begin, std::min(chunk, count - begin));
   }
@@ -339,14 +360,15 @@ at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input) 
   const int64_t per_sample = (size + chunk_size - 1) / chunk_size;
   const int64_t chunks = batch * per_sample;
   at::Tensor partials = at::empty({std::max<int64_t>(chunks, 1), out_channels, in_channels}, grad.options());
-  // Each chunk's GEMM runs single-threaded inside this parallel region (OpenMP does not nest), so its summation
-  // order is fixed; the region is entered even for one chunk so that the GEMM never runs multi-threaded. The
+  // Each chunk's GEMM runs single-threaded (SequentialBlas) inside this parallel region, so its summation order
+  // is fixed; the region is entered even for one chunk so that the GEMM never runs multi-threaded. The
   // caller's thread-local state (the dispatch keys excluded below autograd) goes with the work.
   const int threads = std::max(1, at::get_num_threads());
   const at::ThreadLocalState state;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const at::ThreadLocalStateGuard guard(state);
+    const SequentialBlas sequential;
     const int64_t n = chunk / per_sample, begin = (chunk % per_sample) * chunk_size;
     const int64_t length = std::min(chunk_size, size - begin);
     at::Tensor out = partials[chunk];

@@ -166,6 +166,12 @@ Gate<T>::Gate(const T* data, int64_t channels, int64_t h, int64_t w, int64_t H, 
     col_begin.assign(w + 1, W);
     for (int64_t j = W - 1; j >= 0; --j) col_begin[col_source[j]] = j;
     for (int64_t c = w - 1; c >= 0; --c) col_begin[c] = std::min(col_begin[c], col_begin[c + 1]);
+    if (!doubled_columns) {
+      pixel_source.resize(H * W);
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t j = 0; j < W; ++j)
+          pixel_source[i * W + j] = static_cast<int32_t>(row_source[i] * w + col_source[j]);
+    }
   } else {
     for (int64_t i = 0; i < H; ++i) row_taps.push_back(bilinear_tap<T>(i, h, H));
     for (int64_t j = 0; j < W; ++j) col_taps.push_back(bilinear_tap<T>(j, w, W));
@@ -175,22 +181,24 @@ Gate<T>::Gate(const T* data, int64_t channels, int64_t h, int64_t w, int64_t H, 
 template <typename T>
 void Gate<T>::values(int64_t n, int64_t c, int64_t row0, int64_t row1, T* out) const {
   const T* g = plane(n, c);
+  if (!pixel_source.empty()) {  // nearest, odd W: one gather over the rows (a loop per row of 7 pixels cost more)
+    const int32_t* source = pixel_source.data() + row0 * W;
+#pragma omp simd
+    for (int64_t q = 0; q < (row1 - row0) * W; ++q) out[q] = g[source[q]];
+    return;
+  }
   for (int64_t i = row0; i < row1; ++i) {
     T* dst = out + (i - row0) * W;
-    if (nearest) {
+    if (nearest) {  // doubled columns, the common case (even W): no gather
       if (i > row0 && row_source[i] == row_source[i - 1]) {  // the same source row: repeat the row above
-        std::copy(dst - W, dst, dst);
+        const T* above = dst - W;
+#pragma omp simd
+        for (int64_t j = 0; j < W; ++j) dst[j] = above[j];
         continue;
       }
       const T* src = g + row_source[i] * w;
-      if (doubled_columns) {  // the common case (even W): no gather, whose cost showed in batch-1 profiles
 #pragma omp simd
-        for (int64_t k = 0; k < w; ++k) dst[2 * k] = dst[2 * k + 1] = src[k];
-        continue;
-      }
-      const int64_t* cols = col_source.data();
-#pragma omp simd
-      for (int64_t j = 0; j < W; ++j) dst[j] = src[cols[j]];
+      for (int64_t k = 0; k < w; ++k) dst[2 * k] = dst[2 * k + 1] = src[k];
       continue;
     }
     const BilinearTap<T> r = row_taps[i];

@@ -422,6 +422,7 @@ struct Gate {
   bool nearest;
   bool doubled_columns;  // nearest with W == 2 * w: column j reads j / 2, copied in pairs instead of gathered
   std::vector<int64_t> row_source, col_source, col_begin;  // nearest: source row / column; columns per source column
+  std::vector<int32_t> pixel_source;  // nearest without doubled columns: the gate index of every pixel, row-major
   std::vector<BilinearTap<T>> row_taps, col_taps;          // bilinear
 
   Gate(const T* data, int64_t channels, int64_t h, int64_t w, int64_t H, int64_t W, bool nearest);

@@ -1,11 +1,12 @@
-// dfc_attention on the CPU: the gate at quarter resolution (pooling, one GEMM over the batch, per-plane passes
-// for the depthwise convolutions, BatchNorms and sigmoid), then one pass that writes features times the
-// upsampled gate.
+// dfc_attention on the CPU: the gate at quarter resolution (pooling, one GEMM over the batch, per-block passes
+// for the depthwise convolutions, BatchNorms and sigmoid), and features times the upsampled gate: for NCHW data
+// by the task that wrote each block of the gate, right after it; for NHWC in one pass over the pixels.
 #include "dfc_attention.h"
 
 #include <torch/library.h>
 
 #include <numeric>
+#include <optional>
 
 namespace ghostfused::cpu {
 namespace {
@@ -140,25 +141,46 @@ void store(const T* local, const Quarter& q, const Block& b, T* global) {
   for (int64_t l = 0; l < q.size; ++l) std::copy(local + l * b.cb, local + (l + 1) * b.cb, dst + l * q.channels);
 }
 
-// Depthwise convolution of a local [h, w, cb] block along columns (horizontal, (1, K)) or rows (vertical, (K, 1));
-// taps[t * C + i] is tap t of the block's channel i (offset to the block).
+// Per-channel values of a block repeated for every pixel of a row of the local [h, w, cb] layout:
+// row[j * cb + c] = v[c]. With them a pass runs one loop over each row (w * cb values) instead of one loop of cb per
+// pixel, whose overhead dominated the quarter-resolution passes.
 template <typename T>
-void depthwise_nhwc(const T* in, const T* taps, const Quarter& q, int64_t cb, bool horizontal, T* out) {
-  std::fill(out, out + q.size * cb, T(0));
-  const int64_t pad = q.k / 2;
-  for (int t = 0; t < q.k; ++t) {
-    const T* w = taps + t * q.channels;
-    const TapRange range = tap_outputs(t, horizontal ? q.w : q.h, q.k);
-    for (int64_t i = 0; i < q.h; ++i)
-      for (int64_t j = 0; j < q.w; ++j) {
-        const int64_t along = horizontal ? j : i;
-        if (along < range.lo || along >= range.hi) continue;
-        const int64_t source = horizontal ? i * q.w + j + t - pad : (i + t - pad) * q.w + j;
-        T* dst = out + (i * q.w + j) * cb;
-        const T* src = in + source * cb;
+void tile_row(const T* v, const Quarter& q, int64_t cb, T* row) {
+  for (int64_t j = 0; j < q.w; ++j) std::copy(v, v + cb, row + j * cb);
+}
+
+// The block's taps as K tiled rows (tile_row): taps[t * C + c] is tap t of the block's channel c (offset to the
+// block).
+template <typename T>
+void tile_taps(const T* taps, const Quarter& q, int64_t cb, T* rows) {
+  for (int t = 0; t < q.k; ++t) tile_row(taps + t * q.channels, q, cb, rows + t * q.w * cb);
+}
+
+// Depthwise convolution of a local [h, w, cb] block along columns (horizontal, (1, K)) or rows (vertical, (K, 1));
+// tap_rows from tile_taps. Tap t moves the input by (t - K / 2) pixels, which is (t - K / 2) * cb values along a
+// row or one row per step vertically: each tap is a multiply-add of contiguous spans, and every output row is
+// finished (all its taps) before the next, while it is in L1.
+template <typename T>
+void depthwise_nhwc(const T* in, const T* tap_rows, const Quarter& q, int64_t cb, bool horizontal, T* out) {
+  const int64_t pad = q.k / 2, row = q.w * cb;
+  for (int64_t i = 0; i < q.h; ++i) {
+    T* dst = out + i * row;
+    std::fill(dst, dst + row, T(0));
+    for (int t = 0; t < q.k; ++t) {
+      const T* w = tap_rows + t * row;
+      if (horizontal) {
+        const TapRange range = tap_outputs(t, q.w, q.k);
+        const T* src = in + i * row + (t - pad) * cb;
 #pragma omp simd
-        for (int64_t c = 0; c < cb; ++c) dst[c] += w[c] * src[c];
+        for (int64_t e = range.lo * cb; e < range.hi * cb; ++e) dst[e] += w[e] * src[e];
+      } else {
+        const int64_t source = i + t - pad;
+        if (source < 0 || source >= q.h) continue;
+        const T* src = in + source * row;
+#pragma omp simd
+        for (int64_t e = 0; e < row; ++e) dst[e] += w[e] * src[e];
       }
+    }
   }
 }
 
@@ -230,10 +252,24 @@ struct Scratch {
   std::vector<T> u, z, grad;
   std::vector<T> a, b, c;
   std::vector<double> taps_grad;
+  std::vector<T> tap_rows, scale_row, shift_row;  // the forward's tiled taps and BatchNorm (tile_taps, tile_row)
 
   Scratch(const Quarter& q, int64_t block, bool backward)
       : u(q.size * block), z(q.size * block), grad(backward ? q.size * block : 0), a(block), b(block), c(block),
-        taps_grad(backward ? q.k * block : 0) {}
+        taps_grad(backward ? q.k * block : 0), tap_rows(backward ? 0 : q.k * q.w * block),
+        scale_row(backward ? 0 : q.w * block), shift_row(backward ? 0 : q.w * block) {}
+
+  // The block's taps tiled into tap_rows.
+  const T* tiled_taps(const T* taps, const Quarter& q, const Block& blk) {
+    tile_taps(taps + blk.c0, q, blk.cb, tap_rows.data());
+    return tap_rows.data();
+  }
+
+  // The block's channels of a folded BatchNorm tiled into scale_row and shift_row.
+  void tile_affine(const Folded<T>& bn, const Quarter& q, const Block& blk) {
+    tile_row(bn.scale.data() + blk.c0, q, blk.cb, scale_row.data());
+    tile_row(bn.shift.data() + blk.c0, q, blk.cb, shift_row.data());
+  }
 
   // The backward coefficients of the block's channels as vectors.
   void set_coefficients(const std::vector<BatchNormGrad<T>>& k, const Block& blk) {
@@ -257,20 +293,19 @@ void for_each_block(const Quarter& q, int64_t batch, bool backward, const Body& 
   });
 }
 
-// out = features * the upsampled gate, plane by plane ([N, C, H * W] NCHW).
+// out = features * the upsampled gate for planes [c0, c0 + count) of sample n ([N, C, H * W] NCHW).
 template <typename T>
-void gate_product(const Gate<T>& gate, const T* features, int64_t batch, T* out) {
+void gate_product(const Gate<T>& gate, const T* features, int64_t n, int64_t c0, int64_t count, T* out) {
   const int64_t size = gate.H * gate.W;
-  at::parallel_for(0, batch * gate.channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> values(size);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      gate.values(plane / gate.channels, plane % gate.channels, 0, gate.H, values.data());
-      const T* src = features + plane * size;
-      T* dst = out + plane * size;
+  std::vector<T> values(size);
+  for (int64_t c = c0; c < c0 + count; ++c) {
+    gate.values(n, c, 0, gate.H, values.data());
+    const int64_t offset = (n * gate.channels + c) * size;
+    const T* src = features + offset;
+    T* dst = out + offset;
 #pragma omp simd
-      for (int64_t q = 0; q < size; ++q) dst[q] = src[q] * values[q];
-    }
-  });
+    for (int64_t q = 0; q < size; ++q) dst[q] = src[q] * values[q];
+  }
 }
 
 // The same for features and out dense NHWC ([N, H * W, C]): one pass over pixels, vectorised over channels.
@@ -360,7 +395,7 @@ void gate_product_backward_nhwc(const Gate<T>& gate, const T* grad_out, const T*
 template <typename T>
 DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
                     const at::Tensor& vertical_weight, std::vector<BatchNorm> bns, const DfcSizes& sizes,
-                    bool batch_statistics, bool keep_intermediates) {
+                    bool batch_statistics, bool keep_intermediates, const GateBlockDone<T>& block_done) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
   DfcGate<T> g;
   g.sizes = sizes;
@@ -383,19 +418,25 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   const T* htaps = g.horizontal_taps.template data_ptr<T>();
   const T* vtaps = g.vertical_taps.template data_ptr<T>();
   T* gate = g.gate.template data_ptr<T>();
+  std::optional<Gate<T>> view;
+  if (block_done) view.emplace(g.view());
   std::vector<Moments> partials(g.batch * channels);
   auto fold = [&](int index) {
     if (batch_statistics) set_batch_statistics(g.bns[index], combine_planes(partials, g.batch, channels));
     g.affine[index] = folded<T>(g.bns[index]);
   };
   // gate (NCHW) = sigmoid(BN2(z2)) of a block: computed in place, then stored transposed.
-  auto write_gate = [&](T* z2, const Block& b) {
-    const T* scale = g.affine[2].scale.data() + b.c0;
-    const T* shift = g.affine[2].shift.data() + b.c0;
-    for (int64_t l = 0; l < q.size; ++l)
+  auto write_gate = [&](T* z2, const Block& b, Scratch<T>& sc) {
+    sc.tile_affine(g.affine[2], q, b);
+    const T *scale = sc.scale_row.data(), *shift = sc.shift_row.data();
+    const int64_t row = q.w * b.cb;
+    for (int64_t i = 0; i < q.h; ++i) {
+      T* z = z2 + i * row;
 #pragma omp simd
-      for (int64_t c = 0; c < b.cb; ++c) z2[l * b.cb + c] = sigmoid_simd(scale[c] * z2[l * b.cb + c] + shift[c]);
+      for (int64_t e = 0; e < row; ++e) z[e] = sigmoid_simd(scale[e] * z[e] + shift[e]);
+    }
     transpose(z2, q.size, b.cb, b.cb, gate + (b.n * channels + b.c0) * q.size, q.size);
+    if (block_done) block_done(*view, b.n, b.c0, b.cb);
   };
 
   if (batch_statistics)
@@ -409,13 +450,18 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
     fold(2);
     for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
       load_affine(z0, q, b, g.affine[0], sc.u.data());
-      depthwise_nhwc(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.z.data());
-      for (int64_t l = 0; l < q.size; ++l)
+      depthwise_nhwc(sc.u.data(), sc.tiled_taps(htaps, q, b), q, b.cb, true, sc.z.data());
+      sc.tile_affine(g.affine[1], q, b);
+      const T *scale = sc.scale_row.data(), *shift = sc.shift_row.data();
+      const int64_t row = q.w * b.cb;
+      for (int64_t i = 0; i < q.h; ++i) {
+        const T* z = sc.z.data() + i * row;
+        T* u = sc.u.data() + i * row;
 #pragma omp simd
-        for (int64_t c = 0; c < b.cb; ++c)
-          sc.u[l * b.cb + c] = g.affine[1].scale[b.c0 + c] * sc.z[l * b.cb + c] + g.affine[1].shift[b.c0 + c];
-      depthwise_nhwc(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.z.data());
-      write_gate(sc.z.data(), b);
+        for (int64_t e = 0; e < row; ++e) u[e] = scale[e] * z[e] + shift[e];
+      }
+      depthwise_nhwc(sc.u.data(), sc.tiled_taps(vtaps, q, b), q, b.cb, false, sc.z.data());
+      write_gate(sc.z.data(), b, sc);
     });
     return g;
   }
@@ -427,21 +473,21 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   T* z2 = g.z2.template data_ptr<T>();
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
     load_affine(z0, q, b, g.affine[0], sc.u.data());
-    depthwise_nhwc(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.z.data());
+    depthwise_nhwc(sc.u.data(), sc.tiled_taps(htaps, q, b), q, b.cb, true, sc.z.data());
     store(sc.z.data(), q, b, z1);
     if (batch_statistics) block_moments(sc.z.data(), q, b, partials);
   });
   fold(1);
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
     load_affine(z1, q, b, g.affine[1], sc.u.data());
-    depthwise_nhwc(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.z.data());
+    depthwise_nhwc(sc.u.data(), sc.tiled_taps(vtaps, q, b), q, b.cb, false, sc.z.data());
     store(sc.z.data(), q, b, z2);
     if (batch_statistics) block_moments(sc.z.data(), q, b, partials);
   });
   fold(2);
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
     load(z2, q, b, sc.z.data());
-    write_gate(sc.z.data(), b);
+    write_gate(sc.z.data(), b, sc);
   });
   return g;
 }
@@ -608,7 +654,8 @@ void pool_backward(const at::Tensor& pooled_grad, int64_t height, int64_t width,
 
 #define GHOSTFUSED_INSTANTIATE(T)                                                                                \
   template DfcGate<T> dfc_gate<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,   \
-                                  std::vector<BatchNorm>, const DfcSizes&, bool, bool);                          \
+                                  std::vector<BatchNorm>, const DfcSizes&, bool, bool,                           \
+                                  const GateBlockDone<T>&);                                                      \
   template DfcGrads dfc_gate_backward<T>(const DfcGate<T>&, const T*, bool);                                     \
   template void pool_backward<T>(const at::Tensor&, int64_t, int64_t, T*, bool, bool);
 GHOSTFUSED_INSTANTIATE(float)
@@ -636,14 +683,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward
                                 nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   at::Tensor mean, var;
   AT_DISPATCH_FLOATING_TYPES(dtype, "dfc_attention_forward", [&] {
+    const scalar_t* f = feats.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    GateBlockDone<scalar_t> product;  // NCHW: each block's planes multiplied by the task that wrote their gate
+    if (!nhwc)
+      product = [&](const Gate<scalar_t>& gate, int64_t n, int64_t c0, int64_t count) {
+        gate_product(gate, f, n, c0, count, o);
+      };
     const DfcGate<scalar_t> g =
         dfc_gate<scalar_t>(xd, conv_weight, horizontal_weight, vertical_weight,
-                           batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, training, false);
-    if (nhwc) {
-      gate_product_nhwc(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
-    } else {
-      gate_product(g.view(), feats.data_ptr<scalar_t>(), g.batch, out.data_ptr<scalar_t>());
-    }
+                           batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, training, false, product);
+    if (nhwc) gate_product_nhwc(g.view(), f, g.batch, o);
     std::tie(mean, var) = packed_statistics({&g.bns[0], &g.bns[1], &g.bns[2]}, x);
   });
   return {as_output(out, x), mean, var, at::empty({0}, xd.options())};  // the backward recomputes the gate

@@ -3,6 +3,8 @@
 // resolution; only the pooling reads, and its backward writes, full-resolution data.
 #pragma once
 
+#include <functional>
+
 #include "common.h"
 
 namespace ghostfused::cpu {
@@ -30,12 +32,17 @@ struct DfcGate {
   }
 };
 
+// Called by the task that has written the gate's planes [c0, c0 + count) of sample n, with the gate's view.
+template <typename T>
+using GateBlockDone = std::function<void(const Gate<T>& gate, int64_t n, int64_t c0, int64_t count)>;
+
 // The gate of x [N, Cin, H, W] (any layout): batch statistics when batch_statistics, else the given bn mean / var.
-// keep_intermediates keeps z1 and z2 for dfc_gate_backward.
+// keep_intermediates keeps z1 and z2 for dfc_gate_backward. block_done, when given, runs on each block of the gate
+// as soon as it is written, in the task that wrote it (a consumer of those planes then reads them from its cache).
 template <typename T>
 DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at::Tensor& horizontal_weight,
                     const at::Tensor& vertical_weight, std::vector<BatchNorm> bns, const DfcSizes& sizes,
-                    bool batch_statistics, bool keep_intermediates);
+                    bool batch_statistics, bool keep_intermediates, const GateBlockDone<T>& block_done = {});
 
 // Gradients of the DFC gate, in the compute dtype.
 struct DfcGrads {

@@ -101,6 +101,8 @@ void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntA
 void check_input(const char* op, const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(x.dim() == 4, op, ": ", name, " must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": ", name, " must have H >= 1 and W >= 1, got shape ",
+              x.sizes());
   TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": ", name,
               " must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
 }

@@ -21,10 +21,10 @@ sees them, so that a direct call of ``torch.ops.ghostfused.<op>`` raises as the 
 checks of the op for the backends written in Python, the C++ kernels' own checks (TORCH_CHECK) for ``cpu`` and
 ``cuda``; the fake kernels check that all tensors share one device (the dispatcher sends a call that mixes meta and
 real tensors to them). The public op functions call the forward op through :func:`call_fused_op`: in eval mode
-the C++ kernel at once where nothing observes the call (:func:`eval_kernel_output`, the fused modules' way to a
-kernel too), else :func:`run_fused_op`, which computes the eager reference instead while a model is exported to ONNX,
-and takes shorter ways for a plain eager call (the implementation directly for inference, the op's own autograd
-node for training).
+the C++ kernel at once, before any Python check, where nothing observes the call (:func:`eval_kernel_output`, the
+fused modules' way to a kernel too), else :func:`run_fused_op`, which computes the eager reference instead while a
+model is exported to ONNX, and takes shorter ways for a plain eager call (the implementation directly for
+inference, the op's own autograd node for training).
 """
 
 from typing import Callable
@@ -34,7 +34,9 @@ from torch import Tensor
 
 from .. import backends
 from . import checks
-from .batch_norm import as_batch_norm, schema_lists, sync_group_name, training_counts, update_running_stats
+from .autocast import cast_for_autocast
+from .batch_norm import (BatchNorm, as_batch_norm, is_fusable, module_schema_lists, schema_lists, sync_group_name,
+                         training_counts, update_running_stats)
 from .direct import in_onnx_export, kernel_call_allowed, plain_eager, unobserved
 from ..reference import memory_format_of, stats_dtype
 
@@ -184,37 +186,56 @@ def run_fused_op(op, *args):
     return op(*args)
 
 
-def call_fused_op(op, tensors, batch_norms, bn_names, flags, training: bool, backend: str, counts) -> Tensor:
-    """A public op function's call of forward op ``op`` (made by :func:`define_fused_op`) after its autocast cast.
+def call_fused_op(op, tensors, batch_norms, bn_names, flags, training: bool, backend: str,
+                  counts: Callable[[Tensor], list]) -> Tensor:
+    """A public op function's call of forward op ``op`` (made by :func:`define_fused_op`).
 
-    tensors: the schema's leading tensors (x first); batch_norms: its BatchNorm arguments (modules or
-    ``BatchNorm`` states), named ``bn_names`` in messages; flags: the schema's arguments between ``bn_eps`` and
-    ``training``; counts: values per channel of each BatchNorm in this process's batch (for the running updates).
-    Validates everything (SPEC section 5), updates the running statistics in training and returns the output.
+    tensors: the schema's leading tensors (x first) as the caller passed them (cast here under autocast);
+    batch_norms: its BatchNorm arguments (modules or ``BatchNorm`` states), named ``bn_names`` in messages; flags: the
+    schema's arguments between ``bn_eps`` and ``training``; counts(x): values per channel of each BatchNorm in this
+    process's batch of x (for the running updates). Validates everything (SPEC section 5), updates the running
+    statistics in training and returns the output.
 
-    In eval mode a call that nothing observes goes straight to a C++ kernel (:func:`eval_kernel_output`), whose own
-    checks (TORCH_CHECK) stand in for the Python ones: those cost more than the kernel at batch 1. Should the kernel
-    refuse the arguments, the Python checks run then, so the error is the one they raise (ValueError / TypeError
-    naming the argument) wherever they find the fault.
+    In eval mode a call that nothing observes goes straight to a C++ kernel (:func:`_eval_kernel_call`) before any
+    Python check: at batch 1 those cost more than the kernel.
     """
+    if not training:
+        out = _eval_kernel_call(op, tensors, batch_norms, bn_names, flags, backend)
+        if out is not None:
+            return out
+    checks.check_input(tensors[0])
+    tensors = cast_for_autocast(*tensors)
     x = tensors[0]
     bns = [as_batch_norm(bn, name) for bn, name in zip(batch_norms, bn_names)]
     lists = schema_lists(bns)
-    check = _CHECKS[op]
-    if not training:
-        args = (*tensors, *lists, *flags, False, None)
-        out = eval_kernel_output(_OP_NAMES[op], backend, args, diagnose=lambda: check(*args, bn_names=bn_names))
-        if out is not None:
-            _check_momenta(bns, bn_names)
-            return out
     group = sync_group_name(batch_norms, bn_names) if training else None
-    check(*tensors, *lists, *flags, training, group, bn_names=bn_names)
+    _CHECKS[op](*tensors, *lists, *flags, training, group, bn_names=bn_names)
     _check_momenta(bns, bn_names)
-    counts = training_counts(counts, group, x.device) if training else None
+    counts = training_counts(counts(x), group, x.device) if training else None
     out, stats_mean, stats_var, _ = run_fused_op(op, *tensors, *lists, *flags, bool(training), group,
                                                  backends.resolve(backend, x.device))
     if training:
         update_running_stats(bns, stats_mean, stats_var, counts)
+    return out
+
+
+def _eval_kernel_call(op, tensors, batch_norms, bn_names, flags, backend: str) -> Tensor | None:
+    """An eval-mode public op call computed at once by ``backend``'s C++ kernel (:func:`eval_kernel_output`), or
+    None when it must take the checked way. The kernel runs only where nothing observes the call and autocast is off
+    on x's device (so there is nothing to cast), and its own checks (TORCH_CHECK) stand in for the Python ones; should
+    it refuse the arguments, the Python checks run then, so the error is the one they raise (ValueError / TypeError
+    naming the argument) wherever they find the fault. BatchNorm modules are read through their dicts; one that the
+    fused ops do not reproduce (``is_fusable``), or anything else, takes the checked way, which names the fault."""
+    if all(map(is_fusable, batch_norms)):
+        lists = module_schema_lists(batch_norms)
+    elif all(type(bn) is BatchNorm for bn in batch_norms):
+        lists = schema_lists(batch_norms)
+    else:
+        return None
+    args = (*tensors, *lists, *flags, False, None)
+    out = eval_kernel_output(_OP_NAMES[op], backend, args, diagnose=lambda: _CHECKS[op](*args, bn_names=bn_names))
+    if out is not None:
+        _check_momenta(batch_norms, bn_names)
     return out
 
 

@@ -10,7 +10,6 @@ from torch import Tensor
 
 from ..reference import memory_format_of
 from . import checks
-from .autocast import cast_for_autocast
 from .define import call_fused_op, define_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor features, Tensor conv_weight, Tensor horizontal_weight, Tensor vertical_weight, "
@@ -86,10 +85,6 @@ def dfc_attention(x: Tensor, features: Tensor, conv_weight: Tensor, conv_bn, hor
     Returns:
         [N, C, H, W] in x's dtype, laid out like x.
     """
-    checks.check_input(x)
-    x, features, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
-        x, features, conv_weight, horizontal_weight, vertical_weight)
-    pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     return call_fused_op(dfc_attention_op, (x, features, conv_weight, horizontal_weight, vertical_weight),
                          (conv_bn, horizontal_bn, vertical_bn), BN_NAMES, (upsample,), training, backend,
-                         [pooled_count] * 3)
+                         lambda x: [x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)] * 3)

@@ -8,7 +8,6 @@ from torch import Tensor
 
 from ..reference import memory_format_of
 from . import checks
-from .autocast import cast_for_autocast
 from .define import call_fused_op, define_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor conv_weight, Tensor horizontal_weight, "
@@ -46,6 +45,12 @@ ghost_attn_op = define_fused_op("ghost_attn", ARGUMENTS, num_tensors=6, fake_out
                                 check_arguments=check_arguments)
 
 
+def _counts(x: Tensor) -> list[int]:
+    """Values per channel of each BatchNorm: full resolution for the Ghost branches, quarter for the DFC branch."""
+    count, pooled_count = x.shape[0] * x.shape[2] * x.shape[3], x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
+    return [count, count] + [pooled_count] * 3
+
+
 def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tensor, cheap_bn, conv_weight: Tensor,
                conv_bn, horizontal_weight: Tensor, horizontal_bn, vertical_weight: Tensor, vertical_bn, oup: int, *,
                relu: bool = True, upsample: str = "nearest", training: bool = False,
@@ -68,12 +73,7 @@ def ghost_attn(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Tens
     Returns:
         [N, oup, H, W] in x's dtype, laid out like x.
     """
-    checks.check_input(x)
-    x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight = cast_for_autocast(
-        x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight)
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    pooled_count = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     return call_fused_op(ghost_attn_op, (x, primary_weight, cheap_weight, conv_weight, horizontal_weight,
                                          vertical_weight),
                          (primary_bn, cheap_bn, conv_bn, horizontal_bn, vertical_bn), BN_NAMES,
-                         (oup, bool(relu), upsample), training, backend, [count, count] + [pooled_count] * 3)
+                         (oup, bool(relu), upsample), training, backend, _counts)

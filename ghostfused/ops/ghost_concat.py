@@ -8,7 +8,6 @@ from torch import Tensor
 
 from ..reference import memory_format_of
 from . import checks
-from .autocast import cast_for_autocast
 from .define import call_fused_op, define_fused_op
 
 ARGUMENTS = ("Tensor x, Tensor primary_weight, Tensor cheap_weight, Tensor[] bn_weight, Tensor[] bn_bias, "
@@ -64,8 +63,5 @@ def ghost_concat(x: Tensor, primary_weight: Tensor, primary_bn, cheap_weight: Te
     Returns:
         [N, oup, H, W] in x's dtype, laid out like x.
     """
-    checks.check_input(x)
-    x, primary_weight, cheap_weight = cast_for_autocast(x, primary_weight, cheap_weight)
-    count = x.shape[0] * x.shape[2] * x.shape[3]
     return call_fused_op(ghost_concat_op, (x, primary_weight, cheap_weight), (primary_bn, cheap_bn), BN_NAMES,
-                         (oup, bool(relu)), training, backend, [count] * 2)
+                         (oup, bool(relu)), training, backend, lambda x: [x.shape[0] * x.shape[2] * x.shape[3]] * 2)

@@ -309,6 +309,22 @@ def test_many_channels_on_small_planes_in_float32(op, training):
     assert_modules_match(module, fused, torch.float32)
 
 
+@pytest.mark.parametrize("op", ["dfc_attention", "ghost_attn"])
+@pytest.mark.parametrize("width", [4, 7, 8, 14, 16, 18, 24, 34, 9, 15])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gate_upsampling_at_every_width_in_float32(op, width, training):
+    """The gate's nearest upsampling in float32 (vectorised there) at widths whose gate rows double by unpacks of 8
+    and 4 columns and a scalar tail, and at odd widths, which gather: forward and gradients against eager."""
+    module = _module(op, 6, 20, torch.float32).train(training)
+    fused = fused_copy(module, "eager")
+    x, features, grad = torch.randn(2, 6, 5, width), torch.randn(2, 20, 5, width), torch.randn(2, 20, 5, width)
+    expected, expected_grads = _step(op, module, x, features, grad, training, fused=False)
+    actual, actual_grads = _step(op, fused, x, features, grad, training, fused=True)
+    assert_close(actual, expected, torch.float32, "output")
+    for a, e in zip(actual_grads, expected_grads):
+        assert_close(a, e, torch.float32, "gradient")
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", DETERMINISM_SHAPES)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

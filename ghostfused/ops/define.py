@@ -263,7 +263,7 @@ def eval_kernel_output(name: str, backend: str, args, diagnose: Callable | None 
         return None
     if not kernel_call_allowed(args):  # first: under torch.compile nothing after it runs
         return None
-    forward = backends.eval_kernel(backend, x.device.type, name)
+    forward = backends.eval_kernel(backend, "cpu" if x.is_cpu else x.device.type, name)  # is_cpu: no device object
     if forward is None:
         return None
     try:

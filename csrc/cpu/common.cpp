@@ -180,27 +180,37 @@ Gate<T>::Gate(const T* data, int64_t channels, int64_t h, int64_t w, int64_t H, 
 
 namespace {
 
-// dst[2 k] = dst[2 k + 1] = src[k] for k < w: a row upsampled to twice its width (nearest). For float by vector
-// unpacks: the scalar pairs of stores were the gate product's largest cost at 28x28.
+// dst[2 k] = dst[2 k + 1] = src[k] for k < w: a row upsampled to twice its width (nearest); with `times`, those
+// values times times[2 k] and times[2 k + 1] (the gate product). For float by vector unpacks: pairs of scalar stores
+// were the gate product's largest cost at 28x28.
 template <typename T>
-void double_row(const T* src, int64_t w, T* dst) {
+void double_row(const T* src, int64_t w, T* dst, const T* times = nullptr) {
   int64_t k = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
+    const auto store8 = [&](int64_t at, __m256 v) {
+      _mm256_storeu_ps(dst + at, times != nullptr ? _mm256_mul_ps(v, _mm256_loadu_ps(times + at)) : v);
+    };
+    const auto store4 = [&](int64_t at, __m128 v) {
+      _mm_storeu_ps(dst + at, times != nullptr ? _mm_mul_ps(v, _mm_loadu_ps(times + at)) : v);
+    };
     for (; k + 8 <= w; k += 8) {
       const __m256 v = _mm256_loadu_ps(src + k);
       const __m256 low = _mm256_unpacklo_ps(v, v), high = _mm256_unpackhi_ps(v, v);  // pairs, per 128-bit lane
-      _mm256_storeu_ps(dst + 2 * k, _mm256_permute2f128_ps(low, high, 0x20));
-      _mm256_storeu_ps(dst + 2 * k + 8, _mm256_permute2f128_ps(low, high, 0x31));
+      store8(2 * k, _mm256_permute2f128_ps(low, high, 0x20));
+      store8(2 * k + 8, _mm256_permute2f128_ps(low, high, 0x31));
     }
     for (; k + 4 <= w; k += 4) {
       const __m128 v = _mm_loadu_ps(src + k);
-      _mm_storeu_ps(dst + 2 * k, _mm_unpacklo_ps(v, v));
-      _mm_storeu_ps(dst + 2 * k + 4, _mm_unpackhi_ps(v, v));
+      store4(2 * k, _mm_unpacklo_ps(v, v));
+      store4(2 * k + 4, _mm_unpackhi_ps(v, v));
     }
   }
 #endif
-  for (; k < w; ++k) dst[2 * k] = dst[2 * k + 1] = src[k];
+  for (; k < w; ++k) {
+    dst[2 * k] = times != nullptr ? src[k] * times[2 * k] : src[k];
+    dst[2 * k + 1] = times != nullptr ? src[k] * times[2 * k + 1] : src[k];
+  }
 }
 
 }  // namespace
@@ -234,6 +244,18 @@ void Gate<T>::values(int64_t n, int64_t c, int64_t row0, int64_t row1, T* out) c
       dst[j] = r.w0 * (t.w0 * top[t.i0] + t.w1 * top[t.i1]) + r.w1 * (t.w0 * bottom[t.i0] + t.w1 * bottom[t.i1]);
     }
   }
+}
+
+template <typename T>
+void Gate<T>::multiply(int64_t n, int64_t c, const T* features, T* out, T* scratch) const {
+  if (doubled_columns) {  // each row's gate doubled and multiplied in one go: no plane of gate values
+    const T* g = plane(n, c);
+    for (int64_t i = 0; i < H; ++i) double_row(g + row_source[i] * w, w, out + i * W, features + i * W);
+    return;
+  }
+  values(n, c, 0, H, scratch);
+#pragma omp simd
+  for (int64_t q = 0; q < H * W; ++q) out[q] = features[q] * scratch[q];
 }
 
 template <typename T>

@@ -430,6 +430,8 @@ struct Gate {
   const T* plane(int64_t n, int64_t c) const { return data + (n * channels + c) * h * w; }
   // out[(i - row0) * W + j], i in [row0, row1): channel c of sample n at full resolution.
   void values(int64_t n, int64_t c, int64_t row0, int64_t row1, T* out) const;
+  // out[H * W] = features[H * W] times channel c of sample n at full resolution; scratch: H * W values.
+  void multiply(int64_t n, int64_t c, const T* features, T* out, T* scratch) const;
   // plane[h * w] += the transposed upsampling of grad[(i - row0) * W + j], i in [row0, row1).
   void reduce(const T* grad, int64_t row0, int64_t row1, T* plane) const;
   // The gate of `batch` samples transposed to NHWC [batch, h * w, channels], for pixel().

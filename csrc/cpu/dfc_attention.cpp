@@ -297,14 +297,10 @@ void for_each_block(const Quarter& q, int64_t batch, bool backward, const Body& 
 template <typename T>
 void gate_product(const Gate<T>& gate, const T* features, int64_t n, int64_t c0, int64_t count, T* out) {
   const int64_t size = gate.H * gate.W;
-  std::vector<T> values(size);
+  std::vector<T> scratch(size);
   for (int64_t c = c0; c < c0 + count; ++c) {
-    gate.values(n, c, 0, gate.H, values.data());
     const int64_t offset = (n * gate.channels + c) * size;
-    const T* src = features + offset;
-    T* dst = out + offset;
-#pragma omp simd
-    for (int64_t q = 0; q < size; ++q) dst[q] = src[q] * values[q];
+    gate.multiply(n, c, features + offset, out + offset, scratch.data());
   }
 }
 

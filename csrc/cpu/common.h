@@ -24,6 +24,7 @@
 #include <bit>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <vector>
@@ -166,6 +167,35 @@ inline double exp_simd(double v) { return std::exp(v); }
 template <typename T>
 T sigmoid_simd(T v) {
   return T(1) / (T(1) + exp_simd(-v));
+}
+
+// 64 bytes of T as one vector (GCC/Clang vector extensions): one AVX-512 register, two AVX2 ones. Arithmetic on
+// it is element-wise; a * b + c contracts to FMA as the scalar loops' does.
+template <typename T>
+struct LanesOf;
+template <>
+struct LanesOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct LanesOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Lanes = typename LanesOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+template <typename T>
+Lanes<T> load_lanes(const T* p) {
+  Lanes<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+void store_lanes(T* p, const Lanes<T>& v) {
+  std::memcpy(p, &v, sizeof v);
 }
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for a [rows, cols] block, element by element.

@@ -104,13 +104,20 @@ at::Tensor conv1x1_nhwc(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // One task of the quarter-resolution passes: sample n, channels [c0, c0 + cb) of [N, L, C] arrays; local buffers
-// are [L, cb]. The channels split into blocks of equal size (at most kChannelBlock, at least 8 channels); when the
+// are [L, ld], each pixel's cb channels padded to ld (local_stride). The channels split into blocks of equal size (at most kChannelBlock, at least 8 channels); when the
 // batch alone leaves threads idle, the blocks per sample are a multiple of the threads it leaves idle, so that the
 // tasks split evenly (at batch 1 on two threads 72 channels run as two blocks of 36: three blocks of 24 left one
 // thread waiting a third of the pass). Channels are independent, so the split does not change results.
 struct Block {
-  int64_t n, c0, cb;
+  int64_t n, c0, cb, ld;
 };
+
+// The row length of a local buffer: cb rounded up to a whole number of 64-byte vectors (Lanes) of float or double,
+// so that the depthwise passes run on whole vectors. The padding lanes hold values that are never stored.
+int64_t local_stride(int64_t cb) {
+  constexpr int64_t align = 16;
+  return (cb + align - 1) / align * align;
+}
 
 int64_t block_size(int64_t batch, int64_t channels) {
   const int64_t threads = std::max(1, at::get_num_threads());
@@ -123,7 +130,8 @@ int64_t block_size(int64_t batch, int64_t channels) {
 Block block_of(int64_t task, int64_t size, int64_t channels) {
   const int64_t blocks = (channels + size - 1) / size;
   const int64_t c0 = (task % blocks) * size;
-  return {task / blocks, c0, std::min(size, channels - c0)};
+  const int64_t cb = std::min(size, channels - c0);
+  return {task / blocks, c0, cb, local_stride(cb)};
 }
 
 // The quarter-resolution geometry shared by the passes.
@@ -139,7 +147,7 @@ void load_affine(const T* global, const Quarter& q, const Block& b, const Folded
   const T *scale = bn.scale.data() + b.c0, *shift = bn.shift.data() + b.c0;
   for (int64_t l = 0; l < q.size; ++l) {
     const T* row = src + l * q.channels;
-    T* dst = local + l * b.cb;
+    T* dst = local + l * b.ld;
 #pragma omp simd
     for (int64_t i = 0; i < b.cb; ++i) dst[i] = scale[i] * row[i] + shift[i];
   }
@@ -148,64 +156,91 @@ void load_affine(const T* global, const Quarter& q, const Block& b, const Folded
 template <typename T>
 void load(const T* global, const Quarter& q, const Block& b, T* local) {
   const T* src = global + b.n * q.size * q.channels + b.c0;
-  for (int64_t l = 0; l < q.size; ++l) std::copy(src + l * q.channels, src + l * q.channels + b.cb, local + l * b.cb);
+  for (int64_t l = 0; l < q.size; ++l) std::copy(src + l * q.channels, src + l * q.channels + b.cb, local + l * b.ld);
 }
 
 template <typename T>
 void store(const T* local, const Quarter& q, const Block& b, T* global) {
   T* dst = global + b.n * q.size * q.channels + b.c0;
-  for (int64_t l = 0; l < q.size; ++l) std::copy(local + l * b.cb, local + (l + 1) * b.cb, dst + l * q.channels);
+  for (int64_t l = 0; l < q.size; ++l) std::copy(local + l * b.ld, local + l * b.ld + b.cb, dst + l * q.channels);
 }
 
-// Per-channel values of a block repeated for every pixel of a row of the local [h, w, cb] layout:
-// row[j * cb + c] = v[c]. With them a pass runs one loop over each row (w * cb values) instead of one loop of cb per
-// pixel, whose overhead dominated the quarter-resolution passes.
-template <typename T>
-void tile_row(const T* v, const Quarter& q, int64_t cb, T* row) {
-  for (int64_t j = 0; j < q.w; ++j) std::copy(v, v + cb, row + j * cb);
-}
+// What a depthwise pass applies to each sum before storing it: nothing, the block's folded BatchNorm, or the
+// BatchNorm and the sigmoid.
+enum class Finish { kNone, kAffine, kAffineSigmoid };
 
-// The block's taps as K tiled rows (tile_row): taps[t * C + c] is tap t of the block's channel c (offset to the
-// block).
-template <typename T>
-void tile_taps(const T* taps, const Quarter& q, int64_t cb, T* rows) {
-  for (int t = 0; t < q.k; ++t) tile_row(taps + t * q.channels, q, cb, rows + t * q.w * cb);
-}
-
-// Depthwise convolution of a local [h, w, cb] block along columns (horizontal, (1, K)) or rows (vertical, (K, 1));
-// tap_rows from tile_taps. Tap t moves the input by (t - K / 2) pixels, which is (t - K / 2) * cb values along a
-// row or one row per step vertically: each tap is a multiply-add of contiguous spans, and every output row is
-// finished (all its taps) before the next, while it is in L1.
-template <typename T>
-void depthwise_nhwc(const T* in, const T* tap_rows, const Quarter& q, int64_t cb, bool horizontal, T* out) {
-  const int64_t pad = q.k / 2, row = q.w * cb;
+// Depthwise convolution of a local [h, w, ld] block along columns (horizontal, (1, K)) or rows (vertical, (K, 1)),
+// each sum then finished with the folded BatchNorm (scale, shift: [ld]); taps: [K, ld]. Row by row, and within a row
+// one 64-byte vector of channels at a time over its pixels: the K taps and the BatchNorm stay in registers, each
+// output is summed in a register (taps in order, out-of-range ones skipped: the zero padding) and stored once; the
+// sigmoid runs over the finished row while it is in L1. K = 5 (GhostNetV2's DFC) is a template parameter so that
+// the tap loop unrolls; 0 takes q.k.
+template <typename T, int K, Finish finish>
+void depthwise_local(const T* in, const T* taps, const T* scale, const T* shift, const Quarter& q, int64_t ld,
+                     bool horizontal, T* out) {
+  using V = Lanes<T>;
+  const int k = K > 0 ? K : q.k, pad = k / 2;
+  const int64_t length = horizontal ? q.w : q.h;  // the axis the taps run along
+  const int64_t step = horizontal ? ld : q.w * ld;  // values between neighbouring taps' inputs
+  const int64_t row = q.w * ld;
   for (int64_t i = 0; i < q.h; ++i) {
-    T* dst = out + i * row;
-    std::fill(dst, dst + row, T(0));
-    for (int t = 0; t < q.k; ++t) {
-      const T* w = tap_rows + t * row;
-      if (horizontal) {
-        const TapRange range = tap_outputs(t, q.w, q.k);
-        const T* src = in + i * row + (t - pad) * cb;
-#pragma omp simd
-        for (int64_t e = range.lo * cb; e < range.hi * cb; ++e) dst[e] += w[e] * src[e];
-      } else {
-        const int64_t source = i + t - pad;
-        if (source < 0 || source >= q.h) continue;
-        const T* src = in + source * row;
-#pragma omp simd
-        for (int64_t e = 0; e < row; ++e) dst[e] += w[e] * src[e];
+    for (int64_t c = 0; c < ld; c += kLanes<T>) {
+      V w[K > 0 ? K : 1];
+      if constexpr (K > 0)
+        for (int t = 0; t < K; ++t) w[t] = load_lanes(taps + t * ld + c);
+      const auto tap = [&](int t) {
+        if constexpr (K > 0) return w[t];
+        else return load_lanes(taps + t * ld + c);
+      };
+      V s{}, b{};
+      if constexpr (finish != Finish::kNone) {
+        s = load_lanes(scale + c);
+        b = load_lanes(shift + c);
       }
+      for (int64_t j = 0; j < q.w; ++j) {
+        const TapRange range = tap_range(horizontal ? j : i, length, k);
+        const int64_t at = i * row + j * ld + c;
+        V acc{};
+        for (int t = 0; t < k; ++t)
+          if (t >= range.lo && t < range.hi) acc += tap(t) * load_lanes(in + at + (t - pad) * step);
+        if constexpr (finish != Finish::kNone) acc = s * acc + b;
+        store_lanes(out + at, acc);
+      }
+    }
+    if constexpr (finish == Finish::kAffineSigmoid) {
+      T* dst = out + i * row;
+#pragma omp simd
+      for (int64_t e = 0; e < row; ++e) dst[e] = sigmoid_simd(dst[e]);
     }
   }
 }
 
-// Backward of depthwise_nhwc: in_grad (zeroed by the caller) += the transposed convolution of grad, and
-// taps_grad[t * cb + c] += sum of grad * the tap's input, in double.
+// depthwise_local with K unrolled where it is 5.
+template <typename T, Finish finish>
+void depthwise_nhwc(const T* in, const T* taps, const T* scale, const T* shift, const Quarter& q, int64_t ld,
+                    bool horizontal, T* out) {
+  if (q.k == 5)
+    depthwise_local<T, 5, finish>(in, taps, scale, shift, q, ld, horizontal, out);
+  else
+    depthwise_local<T, 0, finish>(in, taps, scale, shift, q, ld, horizontal, out);
+}
+
+// local[l, c] = sigmoid(scale[c] * local[l, c] + shift[c]) for a local [L, ld] block, pixel by pixel.
 template <typename T>
-void depthwise_nhwc_backward(const T* in, const T* taps, const Quarter& q, int64_t cb, bool horizontal,
+void sigmoid_affine(T* local, const T* scale, const T* shift, const Quarter& q, int64_t ld) {
+  for (int64_t l = 0; l < q.size; ++l) {
+    T* z = local + l * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < ld; ++c) z[c] = sigmoid_simd(scale[c] * z[c] + shift[c]);
+  }
+}
+
+// Backward of depthwise_nhwc for local [L, ld] blocks: in_grad (zeroed by the caller) += the transposed convolution
+// of grad, and taps_grad[t * cb + c] += sum of grad * the tap's input, in double; taps: [K, C] offset to the block.
+template <typename T>
+void depthwise_nhwc_backward(const T* in, const T* taps, const Quarter& q, const Block& b, bool horizontal,
                              const T* grad, T* in_grad, double* taps_grad) {
-  const int64_t pad = q.k / 2;
+  const int64_t pad = q.k / 2, cb = b.cb, ld = b.ld;
   for (int t = 0; t < q.k; ++t) {
     const T* w = taps + t * q.channels;
     double* tg = taps_grad + t * cb;
@@ -215,9 +250,9 @@ void depthwise_nhwc_backward(const T* in, const T* taps, const Quarter& q, int64
         const int64_t along = horizontal ? j : i;
         if (along < range.lo || along >= range.hi) continue;
         const int64_t source = horizontal ? i * q.w + j + t - pad : (i + t - pad) * q.w + j;
-        const T* g = grad + (i * q.w + j) * cb;
-        const T* src = in + source * cb;
-        T* dst = in_grad + source * cb;
+        const T* g = grad + (i * q.w + j) * ld;
+        const T* src = in + source * ld;
+        T* dst = in_grad + source * ld;
 #pragma omp simd
         for (int64_t c = 0; c < cb; ++c) {
           tg[c] += static_cast<double>(g[c]) * static_cast<double>(src[c]);
@@ -227,25 +262,25 @@ void depthwise_nhwc_backward(const T* in, const T* taps, const Quarter& q, int64
   }
 }
 
-// Per-channel moments of a local [L, cb] block into partials[n * C + c0 + i].
+// Per-channel moments of a local [L, ld] block into partials[n * C + c0 + i].
 template <typename T>
 void block_moments(const T* local, const Quarter& q, const Block& b, std::vector<Moments>& partials) {
   std::vector<double> mean(b.cb, 0.0), m2(b.cb, 0.0);
   for (int64_t l = 0; l < q.size; ++l)
 #pragma omp simd
-    for (int64_t c = 0; c < b.cb; ++c) mean[c] += static_cast<double>(local[l * b.cb + c]);
+    for (int64_t c = 0; c < b.cb; ++c) mean[c] += static_cast<double>(local[l * b.ld + c]);
   for (int64_t c = 0; c < b.cb; ++c) mean[c] /= static_cast<double>(q.size);
   for (int64_t l = 0; l < q.size; ++l)
 #pragma omp simd
     for (int64_t c = 0; c < b.cb; ++c) {
-      const double d = static_cast<double>(local[l * b.cb + c]) - mean[c];
+      const double d = static_cast<double>(local[l * b.ld + c]) - mean[c];
       m2[c] += d * d;
     }
   for (int64_t c = 0; c < b.cb; ++c)
     partials[b.n * q.channels + b.c0 + c] = {static_cast<double>(q.size), mean[c], m2[c]};
 }
 
-// Per-channel sum(grad) and sum(grad * (z - mean)) of local [L, cb] blocks into partials[n * C + c0 + i].
+// Per-channel sum(grad) and sum(grad * (z - mean)) of local [L, ld] blocks into partials[n * C + c0 + i].
 template <typename T>
 void block_grad_sums(const T* grad, const T* z, const Quarter& q, const Block& b, const BatchNorm& bn,
                      std::vector<GradSums>& partials) {
@@ -254,37 +289,39 @@ void block_grad_sums(const T* grad, const T* z, const Quarter& q, const Block& b
   for (int64_t l = 0; l < q.size; ++l)
 #pragma omp simd
     for (int64_t c = 0; c < b.cb; ++c) {
-      const double g = static_cast<double>(grad[l * b.cb + c]);
+      const double g = static_cast<double>(grad[l * b.ld + c]);
       dy[c] += g;
-      dy_centered[c] += g * (static_cast<double>(z[l * b.cb + c]) - mean[c]);
+      dy_centered[c] += g * (static_cast<double>(z[l * b.ld + c]) - mean[c]);
     }
   for (int64_t c = 0; c < b.cb; ++c) partials[b.n * q.channels + b.c0 + c] = {dy[c], dy_centered[c]};
 }
 
-// Per-thread buffers: three [L, block] arrays and the per-channel coefficient vectors of one block (sized by the
-// block, not kChannelBlock: zeroing unused buffers showed in batch-1 profiles).
+// Per-thread buffers: three local [L, ld] arrays, the forward's taps [K, ld] and BatchNorm [ld] of one block, and
+// the backward's per-channel coefficients (sized by the block, not kChannelBlock: zeroing unused buffers showed in
+// batch-1 profiles). Zero-initialised, so that padding lanes start finite.
 template <typename T>
 struct Scratch {
   std::vector<T> u, z, grad;
+  std::vector<T> taps, scale, shift;
   std::vector<T> a, b, c;
   std::vector<double> taps_grad;
-  std::vector<T> tap_rows, scale_row, shift_row;  // the forward's tiled taps and BatchNorm (tile_taps, tile_row)
 
   Scratch(const Quarter& q, int64_t block, bool backward)
-      : u(q.size * block), z(q.size * block), grad(backward ? q.size * block : 0), a(block), b(block), c(block),
-        taps_grad(backward ? q.k * block : 0), tap_rows(backward ? 0 : q.k * q.w * block),
-        scale_row(backward ? 0 : q.w * block), shift_row(backward ? 0 : q.w * block) {}
+      : u(q.size * local_stride(block)), z(u.size()), grad(backward ? u.size() : 0),
+        taps(backward ? 0 : q.k * local_stride(block)), scale(backward ? 0 : local_stride(block)),
+        shift(scale.size()), a(block), b(block), c(block), taps_grad(backward ? q.k * block : 0) {}
 
-  // The block's taps tiled into tap_rows.
-  const T* tiled_taps(const T* taps, const Quarter& q, const Block& blk) {
-    tile_taps(taps + blk.c0, q, blk.cb, tap_rows.data());
-    return tap_rows.data();
+  // The block's taps from [K, C] into taps [K, ld].
+  const T* block_taps(const T* all, const Quarter& q, const Block& blk) {
+    for (int t = 0; t < q.k; ++t) std::copy(all + t * q.channels + blk.c0, all + t * q.channels + blk.c0 + blk.cb,
+                                            taps.data() + t * blk.ld);
+    return taps.data();
   }
 
-  // The block's channels of a folded BatchNorm tiled into scale_row and shift_row.
-  void tile_affine(const Folded<T>& bn, const Quarter& q, const Block& blk) {
-    tile_row(bn.scale.data() + blk.c0, q, blk.cb, scale_row.data());
-    tile_row(bn.shift.data() + blk.c0, q, blk.cb, shift_row.data());
+  // The block's channels of a folded BatchNorm into scale and shift.
+  void block_affine(const Folded<T>& bn, const Block& blk) {
+    std::copy(bn.scale.data() + blk.c0, bn.scale.data() + blk.c0 + blk.cb, scale.data());
+    std::copy(bn.shift.data() + blk.c0, bn.shift.data() + blk.c0 + blk.cb, shift.data());
   }
 
   // The backward coefficients of the block's channels as vectors.
@@ -437,17 +474,9 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
     if (batch_statistics) set_batch_statistics(g.bns[index], combine_planes(partials, g.batch, channels));
     g.affine[index] = folded<T>(g.bns[index]);
   };
-  // gate (NCHW) = sigmoid(BN2(z2)) of a block: computed in place, then stored transposed.
-  auto write_gate = [&](T* z2, const Block& b, Scratch<T>& sc) {
-    sc.tile_affine(g.affine[2], q, b);
-    const T *scale = sc.scale_row.data(), *shift = sc.shift_row.data();
-    const int64_t row = q.w * b.cb;
-    for (int64_t i = 0; i < q.h; ++i) {
-      T* z = z2 + i * row;
-#pragma omp simd
-      for (int64_t e = 0; e < row; ++e) z[e] = sigmoid_simd(scale[e] * z[e] + shift[e]);
-    }
-    transpose(z2, q.size, b.cb, b.cb, gate + (b.n * channels + b.c0) * q.size, q.size);
+  // The block's gate [L, ld] stored NCHW, then handed to block_done.
+  auto store_gate = [&](const T* local, const Block& b) {
+    transpose(local, q.size, b.cb, b.ld, gate + (b.n * channels + b.c0) * q.size, q.size);
     if (block_done) block_done(*view, b.n, b.c0, b.cb);
   };
 
@@ -462,18 +491,13 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
     fold(2);
     for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
       load_affine(z0, q, b, g.affine[0], sc.u.data());
-      depthwise_nhwc(sc.u.data(), sc.tiled_taps(htaps, q, b), q, b.cb, true, sc.z.data());
-      sc.tile_affine(g.affine[1], q, b);
-      const T *scale = sc.scale_row.data(), *shift = sc.shift_row.data();
-      const int64_t row = q.w * b.cb;
-      for (int64_t i = 0; i < q.h; ++i) {
-        const T* z = sc.z.data() + i * row;
-        T* u = sc.u.data() + i * row;
-#pragma omp simd
-        for (int64_t e = 0; e < row; ++e) u[e] = scale[e] * z[e] + shift[e];
-      }
-      depthwise_nhwc(sc.u.data(), sc.tiled_taps(vtaps, q, b), q, b.cb, false, sc.z.data());
-      write_gate(sc.z.data(), b, sc);
+      sc.block_affine(g.affine[1], b);
+      depthwise_nhwc<T, Finish::kAffine>(sc.u.data(), sc.block_taps(htaps, q, b), sc.scale.data(), sc.shift.data(),
+                                         q, b.ld, true, sc.z.data());
+      sc.block_affine(g.affine[2], b);
+      depthwise_nhwc<T, Finish::kAffineSigmoid>(sc.z.data(), sc.block_taps(vtaps, q, b), sc.scale.data(),
+                                                sc.shift.data(), q, b.ld, false, sc.u.data());
+      store_gate(sc.u.data(), b);
     });
     return g;
   }
@@ -485,21 +509,25 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   T* z2 = g.z2.template data_ptr<T>();
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
     load_affine(z0, q, b, g.affine[0], sc.u.data());
-    depthwise_nhwc(sc.u.data(), sc.tiled_taps(htaps, q, b), q, b.cb, true, sc.z.data());
+    depthwise_nhwc<T, Finish::kNone>(sc.u.data(), sc.block_taps(htaps, q, b), nullptr, nullptr, q, b.ld, true,
+                                     sc.z.data());
     store(sc.z.data(), q, b, z1);
     if (batch_statistics) block_moments(sc.z.data(), q, b, partials);
   });
   fold(1);
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
     load_affine(z1, q, b, g.affine[1], sc.u.data());
-    depthwise_nhwc(sc.u.data(), sc.tiled_taps(vtaps, q, b), q, b.cb, false, sc.z.data());
+    depthwise_nhwc<T, Finish::kNone>(sc.u.data(), sc.block_taps(vtaps, q, b), nullptr, nullptr, q, b.ld, false,
+                                     sc.z.data());
     store(sc.z.data(), q, b, z2);
     if (batch_statistics) block_moments(sc.z.data(), q, b, partials);
   });
   fold(2);
   for_each_block<T>(q, g.batch, false, [&](const Block& b, Scratch<T>& sc) {
     load(z2, q, b, sc.z.data());
-    write_gate(sc.z.data(), b, sc);
+    sc.block_affine(g.affine[2], b);
+    sigmoid_affine(sc.z.data(), sc.scale.data(), sc.shift.data(), q, b.ld);
+    store_gate(sc.z.data(), b);
   });
   return g;
 }
@@ -522,19 +550,19 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
     sums[index] = combine_planes(partials, g.batch, channels);
     return backward_coefficients<T>(g.bns[index], sums[index], count, training);
   };
-  // du2 = the gradient through the sigmoid, for a block (gate and dgate are NCHW; scratch: [L, cb]).
+  // du2 = the gradient through the sigmoid, for a block (gate and dgate are NCHW; scratch: [L, ld]).
   auto sigmoid_grad = [&](const Block& b, T* du2, T* scratch) {
-    transpose(dgate + (b.n * channels + b.c0) * q.size, b.cb, q.size, q.size, du2, b.cb);
-    transpose(gate + (b.n * channels + b.c0) * q.size, b.cb, q.size, q.size, scratch, b.cb);
+    transpose(dgate + (b.n * channels + b.c0) * q.size, b.cb, q.size, q.size, du2, b.ld);
+    transpose(gate + (b.n * channels + b.c0) * q.size, b.cb, q.size, q.size, scratch, b.ld);
 #pragma omp simd
-    for (int64_t i = 0; i < q.size * b.cb; ++i) du2[i] = sigmoid_backward(du2[i], scratch[i]);
+    for (int64_t i = 0; i < q.size * b.ld; ++i) du2[i] = sigmoid_backward(du2[i], scratch[i]);
   };
   // grad = a * grad + b * z + c, per channel (the BatchNorm backward of a block).
   auto batch_norm_grad = [&](Scratch<T>& sc, const Block& b, T* grad, const T* z) {
     for (int64_t l = 0; l < q.size; ++l)
 #pragma omp simd
       for (int64_t c = 0; c < b.cb; ++c)
-        grad[l * b.cb + c] = sc.a[c] * grad[l * b.cb + c] + sc.b[c] * z[l * b.cb + c] + sc.c[c];
+        grad[l * b.ld + c] = sc.a[c] * grad[l * b.ld + c] + sc.b[c] * z[l * b.ld + c] + sc.c[c];
   };
   std::vector<double> tap_partials[2] = {std::vector<double>(g.batch * channels * k, 0.0),
                                          std::vector<double>(g.batch * channels * k, 0.0)};
@@ -563,7 +591,7 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
     load_affine(z1, q, b, g.affine[1], sc.u.data());
     std::fill(sc.z.begin(), sc.z.end(), T(0));
     std::fill(sc.taps_grad.begin(), sc.taps_grad.end(), 0.0);
-    depthwise_nhwc_backward(sc.u.data(), vtaps + b.c0, q, b.cb, false, sc.grad.data(), sc.z.data(),
+    depthwise_nhwc_backward(sc.u.data(), vtaps + b.c0, q, b, false, sc.grad.data(), sc.z.data(),
                             sc.taps_grad.data());
     store_taps(sc, b, tap_partials[1]);
     store(sc.z.data(), q, b, du1);
@@ -582,7 +610,7 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
     load_affine(z0, q, b, g.affine[0], sc.u.data());
     std::fill(sc.z.begin(), sc.z.end(), T(0));
     std::fill(sc.taps_grad.begin(), sc.taps_grad.end(), 0.0);
-    depthwise_nhwc_backward(sc.u.data(), htaps + b.c0, q, b.cb, true, sc.grad.data(), sc.z.data(),
+    depthwise_nhwc_backward(sc.u.data(), htaps + b.c0, q, b, true, sc.grad.data(), sc.z.data(),
                             sc.taps_grad.data());
     store_taps(sc, b, tap_partials[0]);
     store(sc.z.data(), q, b, du0);

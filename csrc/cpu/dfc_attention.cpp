@@ -28,29 +28,35 @@ at::Tensor taps_by_position(const at::Tensor& weight, int64_t channels, int64_t 
 // Channels per task of the quarter-resolution passes (tasks are (sample, channel block) pairs).
 constexpr int64_t kChannelBlock = 128;
 
-// [N, Cin, h * w] = the 2x2 average pool of x [N, Cin, H, W], dense NCHW.
+// [N, Cin, h * w] = the 2x2 average pool of x [N, Cin, H, W], dense NCHW, stored NHWC ([N, h * w, Cin], returned as
+// its transposed view): the layout of conv1x1_nhwc's GEMM rows. A task pools one output row of every channel into a
+// [Cin, w] tile and transposes the tile while it is in L1 (pooled NCHW planes transposed after the pool were a
+// single-threaded pass).
 template <typename T>
 at::Tensor average_pool(const at::Tensor& x, int64_t batch, int64_t channels, int64_t height, int64_t width) {
   const int64_t h = pooled_size(height), w = pooled_size(width);
-  at::Tensor pooled = cached_empty({batch, channels, h * w}, x.options());
+  at::Tensor pooled = cached_empty({batch, h * w, channels}, x.options());
   const T* src = x.template data_ptr<T>();
   T* dst = pooled.template data_ptr<T>();
-  at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane)
-      for (int64_t i = 0; i < h; ++i) {
-        const T* top = src + plane * height * width + 2 * i * width;
+  at::parallel_for(0, batch * h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tile(channels * w);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / h, i = row % h;
+      for (int64_t c = 0; c < channels; ++c) {
+        const T* top = src + ((n * channels + c) * height + 2 * i) * width;
         const T* bottom = top + width;
-        T* out = dst + plane * h * w + i * w;
+        T* out = tile.data() + c * w;
 #pragma omp simd
         for (int64_t j = 0; j < w; ++j)
           out[j] = average_2x2(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]);
       }
+      transpose(tile.data(), channels, w, w, dst + row * w * channels, channels);
+    }
   });
-  return pooled;
+  return pooled.transpose(1, 2);
 }
 
-// The same pool of x dense channels_last, computed and stored NHWC: the [N, Cin, h * w] result is a transposed view
-// of [N, h * w, Cin] (conv1x1_nhwc reads it as the GEMM's row-major left operand).
+// The same pool of x dense channels_last, computed NHWC (one pass per output row, vectorised over channels).
 template <typename T>
 at::Tensor average_pool_nhwc(const at::Tensor& x, int64_t batch, int64_t channels, int64_t height, int64_t width) {
   const int64_t h = pooled_size(height), w = pooled_size(width);
@@ -73,32 +79,16 @@ at::Tensor average_pool_nhwc(const at::Tensor& x, int64_t batch, int64_t channel
   return pooled.transpose(1, 2);
 }
 
-// The pooled input x [N, Cin, L] as pixel-major rows [N * L, Cin]: a view of NHWC data, else transposed sample by
-// sample (quarter-resolution data) into a buffer of its own.
-template <typename T>
-at::Tensor pixel_rows(const at::Tensor& x) {
-  const int64_t batch = x.size(0), in = x.size(1), pixels = x.size(2);
-  const at::Tensor pixel_major = x.transpose(1, 2);
-  if (pixel_major.is_contiguous()) return pixel_major.view({batch * pixels, in});
-  const at::Tensor src_tensor = x.contiguous();
-  at::Tensor rows = cached_empty({batch * pixels, in}, x.options());
-  const T* src = src_tensor.template data_ptr<T>();
-  T* dst = rows.template data_ptr<T>();
-  for (int64_t n = 0; n < batch; ++n) transpose(src + n * in * pixels, in, pixels, pixels, dst + n * pixels * in, in);
-  return rows;
-}
-
-// [N, L, C] = x^T @ weight^T for x [N, Cin, L] (NCHW or NHWC strides) and weight [C, Cin]: the 1x1 convolution with
-// an NHWC output, the GEMM orientation that stays efficient for a few pixels and many channels. One GEMM over the
-// whole batch's pixels: a batched GEMM packed the weight again for every sample, 30% of a batch-8 call at 7x7 with
-// 960 channels.
-template <typename T>
+// [N, L, C] = x^T @ weight^T for x [N, Cin, L] with NHWC strides (the pooled input, the gate's gradient) and weight
+// [C, Cin]: the 1x1 convolution with an NHWC output, the GEMM orientation that stays efficient for a few pixels and
+// many channels. One GEMM over the whole batch's pixels: a batched GEMM packed the weight again for every sample, 30%
+// of a batch-8 call at 7x7 with 960 channels.
 at::Tensor conv1x1_nhwc(const at::Tensor& x, const at::Tensor& weight) {
-  const int64_t batch = x.size(0), pixels = x.size(2), channels = weight.size(0);
+  const int64_t batch = x.size(0), in = x.size(1), pixels = x.size(2), channels = weight.size(0);
   at::Tensor out = cached_empty({batch, pixels, channels}, x.options());
   if (batch * pixels > 0) {
     at::Tensor rows = out.view({batch * pixels, channels});
-    at::mm_out(rows, pixel_rows<T>(x), weight.t());
+    at::mm_out(rows, x.transpose(1, 2).view({batch * pixels, in}), weight.t());
   }
   return out;
 }
@@ -461,7 +451,7 @@ DfcGate<T> dfc_gate(const at::Tensor& x, const at::Tensor& conv_weight, const at
   g.nhwc = x.scalar_type() == dtype && takes_nhwc_path(x);
   g.pooled = g.nhwc ? average_pool_nhwc<T>(x, g.batch, g.in_channels, g.height, g.width)
                     : average_pool<T>(dense(x, dtype), g.batch, g.in_channels, g.height, g.width);
-  g.z0 = conv1x1_nhwc<T>(g.pooled, g.conv_weight);
+  g.z0 = conv1x1_nhwc(g.pooled, g.conv_weight);
   g.gate = cached_empty({g.batch, channels, q.size}, g.z0.options());
   const T* z0 = g.z0.template data_ptr<T>();
   const T* htaps = g.horizontal_taps.template data_ptr<T>();
@@ -630,7 +620,7 @@ DfcGrads dfc_gate_backward(const DfcGate<T>& g, const T* dgate, bool training) {
 
   DfcGrads grads;
   const at::Tensor dz0 = grad_b.transpose(1, 2);  // [N, C, L]
-  grads.pooled = g.nhwc ? conv1x1_nhwc<T>(dz0, g.conv_weight.t()).transpose(1, 2) : conv1x1(dz0, g.conv_weight.t());
+  grads.pooled = g.nhwc ? conv1x1_nhwc(dz0, g.conv_weight.t()).transpose(1, 2) : conv1x1(dz0, g.conv_weight.t());
   grads.conv_weight = conv1x1_weight_grad(dz0, g.pooled);
   grads.horizontal_weight = combine_tap_partials(tap_partials[0], g.batch, channels, k, g.z0.options());
   grads.vertical_weight = combine_tap_partials(tap_partials[1], g.batch, channels, k, g.z0.options());

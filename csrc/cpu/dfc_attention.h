@@ -9,8 +9,8 @@
 
 namespace ghostfused::cpu {
 
-// One call's DFC gate in the compute dtype T. The pooled input and the gate are NCHW; the stages between them
-// are NHWC ([N, h * w, C]), so that the per-pixel work is vectorised over channels even for a 3x3 gate.
+// One call's DFC gate in the compute dtype T. The gate is NCHW; the pooled input and the stages between them are
+// NHWC ([N, h * w, C]), so that the per-pixel work is vectorised over channels even for a 3x3 gate.
 template <typename T>
 struct DfcGate {
   DfcSizes sizes;
@@ -18,8 +18,8 @@ struct DfcGate {
   at::Tensor conv_weight;        // [C, Cin]
   at::Tensor horizontal_taps;    // [K, C]: tap b of every channel contiguous
   at::Tensor vertical_taps;      // [K, C]
-  bool nhwc;                     // x dense channels_last in T: pooled and its gradient have NHWC strides
-  at::Tensor pooled;             // [N, Cin, h * w]: 2x2 average pool of x (NHWC strides when nhwc)
+  bool nhwc;                     // x dense channels_last in T: the pooled input's gradient has NHWC strides
+  at::Tensor pooled;             // [N, Cin, h * w] with NHWC strides: 2x2 average pool of x
   at::Tensor z0, z1, z2;         // [N, h * w, C]: the three convolutions (z1, z2 kept only when asked)
   at::Tensor gate;               // [N, C, h * w]
   std::vector<BatchNorm> bns;    // conv, horizontal, vertical: with the statistics they normalise with

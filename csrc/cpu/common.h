@@ -169,32 +169,26 @@ T sigmoid_simd(T v) {
   return T(1) / (T(1) + exp_simd(-v));
 }
 
-// 64 bytes of T as one vector (GCC/Clang vector extensions): one AVX-512 register, two AVX2 ones. Arithmetic on
-// it is element-wise; a * b + c contracts to FMA as the scalar loops' does.
-template <typename T>
-struct LanesOf;
-template <>
-struct LanesOf<float> {
-  typedef float type __attribute__((vector_size(64)));
+// Bytes of T as one vector (GCC/Clang vector extensions); 64 bytes: one AVX-512 register, two AVX2 ones. Arithmetic
+// on it is element-wise; a * b + c contracts to FMA as the scalar loops' does.
+template <typename T, int Bytes>
+struct LanesOf {
+  typedef T type __attribute__((vector_size(Bytes)));
 };
-template <>
-struct LanesOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Lanes = typename LanesOf<T>::type;
+template <typename T, int Bytes = 64>
+using Lanes = typename LanesOf<T, Bytes>::type;
 template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
 
-template <typename T>
-Lanes<T> load_lanes(const T* p) {
-  Lanes<T> v;
+template <typename V, typename T>
+V load_lanes(const T* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-template <typename T>
-void store_lanes(T* p, const Lanes<T>& v) {
+template <typename V, typename T>
+void store_lanes(T* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
 }
 

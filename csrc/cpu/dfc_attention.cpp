@@ -102,10 +102,11 @@ struct Block {
   int64_t n, c0, cb, ld;
 };
 
-// The row length of a local buffer: cb rounded up to a whole number of 64-byte vectors (Lanes) of float or double,
-// so that the depthwise passes run on whole vectors. The padding lanes hold values that are never stored.
+// The row length of a local buffer: cb rounded up to 8 values, whole 64-byte vectors (Lanes) of double and whole
+// 32-byte ones of float, so that the depthwise passes run on whole vectors (rounding float rows up to 16 values
+// padded the 72-channel blocks of the 56x56 stage by 11%). The padding lanes hold values that are never stored.
 int64_t local_stride(int64_t cb) {
-  constexpr int64_t align = 16;
+  constexpr int64_t align = 8;
   return (cb + align - 1) / align * align;
 }
 
@@ -159,44 +160,52 @@ void store(const T* local, const Quarter& q, const Block& b, T* global) {
 // BatchNorm and the sigmoid.
 enum class Finish { kNone, kAffine, kAffineSigmoid };
 
-// Depthwise convolution of a local [h, w, ld] block along columns (horizontal, (1, K)) or rows (vertical, (K, 1)),
-// each sum then finished with the folded BatchNorm (scale, shift: [ld]); taps: [K, ld]. Row by row, and within a row
-// one 64-byte vector of channels at a time over its pixels: the K taps and the BatchNorm stay in registers, each
-// output is summed in a register (taps in order, out-of-range ones skipped: the zero padding) and stored once; the
-// sigmoid runs over the finished row while it is in L1. K = 5 (GhostNetV2's DFC) is a template parameter so that
-// the tap loop unrolls; 0 takes q.k.
-template <typename T, int K, Finish finish>
-void depthwise_local(const T* in, const T* taps, const T* scale, const T* shift, const Quarter& q, int64_t ld,
-                     bool horizontal, T* out) {
-  using V = Lanes<T>;
+// Channels [c, c + lanes of V) of output row i of depthwise_local: the K taps and the BatchNorm of those channels
+// in registers, each output summed in a register (taps in order, out-of-range ones skipped: the zero padding) and
+// stored once.
+template <typename V, int K, Finish finish, typename T>
+void depthwise_row_lanes(const T* in, const T* taps, const T* scale, const T* shift, const Quarter& q, int64_t ld,
+                         bool horizontal, int64_t i, int64_t c, T* out) {
   const int k = K > 0 ? K : q.k, pad = k / 2;
   const int64_t length = horizontal ? q.w : q.h;  // the axis the taps run along
   const int64_t step = horizontal ? ld : q.w * ld;  // values between neighbouring taps' inputs
+  V w[K > 0 ? K : 1];
+  if constexpr (K > 0)
+    for (int t = 0; t < K; ++t) w[t] = load_lanes<V>(taps + t * ld + c);
+  const auto tap = [&](int t) {
+    if constexpr (K > 0) return w[t];
+    else return load_lanes<V>(taps + t * ld + c);
+  };
+  V s{}, b{};
+  if constexpr (finish != Finish::kNone) {
+    s = load_lanes<V>(scale + c);
+    b = load_lanes<V>(shift + c);
+  }
+  for (int64_t j = 0; j < q.w; ++j) {
+    const TapRange range = tap_range(horizontal ? j : i, length, k);
+    const int64_t at = (i * q.w + j) * ld + c;
+    V acc{};
+    for (int t = 0; t < k; ++t)
+      if (t >= range.lo && t < range.hi) acc += tap(t) * load_lanes<V>(in + at + (t - pad) * step);
+    if constexpr (finish != Finish::kNone) acc = s * acc + b;
+    store_lanes(out + at, acc);
+  }
+}
+
+// Depthwise convolution of a local [h, w, ld] block along columns (horizontal, (1, K)) or rows (vertical, (K, 1)),
+// each sum then finished with the folded BatchNorm (scale, shift: [ld]); taps: [K, ld]. Row by row, and within a row
+// one 64-byte vector of channels at a time over its pixels (then a 32-byte one where ld leaves half a vector), and
+// the sigmoid over the finished row while it is in L1. K = 5 (GhostNetV2's DFC) is a template parameter so that the
+// tap loop unrolls; 0 takes q.k.
+template <typename T, int K, Finish finish>
+void depthwise_local(const T* in, const T* taps, const T* scale, const T* shift, const Quarter& q, int64_t ld,
+                     bool horizontal, T* out) {
   const int64_t row = q.w * ld;
   for (int64_t i = 0; i < q.h; ++i) {
-    for (int64_t c = 0; c < ld; c += kLanes<T>) {
-      V w[K > 0 ? K : 1];
-      if constexpr (K > 0)
-        for (int t = 0; t < K; ++t) w[t] = load_lanes(taps + t * ld + c);
-      const auto tap = [&](int t) {
-        if constexpr (K > 0) return w[t];
-        else return load_lanes(taps + t * ld + c);
-      };
-      V s{}, b{};
-      if constexpr (finish != Finish::kNone) {
-        s = load_lanes(scale + c);
-        b = load_lanes(shift + c);
-      }
-      for (int64_t j = 0; j < q.w; ++j) {
-        const TapRange range = tap_range(horizontal ? j : i, length, k);
-        const int64_t at = i * row + j * ld + c;
-        V acc{};
-        for (int t = 0; t < k; ++t)
-          if (t >= range.lo && t < range.hi) acc += tap(t) * load_lanes(in + at + (t - pad) * step);
-        if constexpr (finish != Finish::kNone) acc = s * acc + b;
-        store_lanes(out + at, acc);
-      }
-    }
+    int64_t c = 0;
+    for (; c + kLanes<T> <= ld; c += kLanes<T>)
+      depthwise_row_lanes<Lanes<T>, K, finish>(in, taps, scale, shift, q, ld, horizontal, i, c, out);
+    if (c < ld) depthwise_row_lanes<Lanes<T, 32>, K, finish>(in, taps, scale, shift, q, ld, horizontal, i, c, out);
     if constexpr (finish == Finish::kAffineSigmoid) {
       T* dst = out + i * row;
 #pragma omp simd

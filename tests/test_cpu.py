@@ -310,11 +310,13 @@ def test_many_channels_on_small_planes_in_float32(op, training):
 
 
 @pytest.mark.parametrize("op", ["dfc_attention", "ghost_attn"])
-@pytest.mark.parametrize("width", [4, 7, 8, 14, 16, 18, 24, 34, 9, 15])
+@pytest.mark.parametrize("width", [4, 7, 8, 14, 16, 18, 24, 34, 9, 15, 35])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gate_upsampling_at_every_width_in_float32(op, width, training):
     """The gate's nearest upsampling in float32 (vectorised there) at widths whose gate rows double by unpacks of 8
-    and 4 columns and a scalar tail, and at odd widths, which gather: forward and gradients against eager."""
+    and 4 columns and a scalar tail, and at odd widths, which gather (width 35: a 2 x 17 gate) or, for gates of at
+    most 16 values with AVX-512, permute a register (widths 7, 9, 15: 75 pixels, a masked tail): forward and
+    gradients against eager."""
     module = _module(op, 6, 20, torch.float32).train(training)
     fused = fused_copy(module, "eager")
     x, features, grad = torch.randn(2, 6, 5, width), torch.randn(2, 20, 5, width), torch.randn(2, 20, 5, width)

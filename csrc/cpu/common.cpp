@@ -253,6 +253,21 @@ void Gate<T>::multiply(int64_t n, int64_t c, const T* features, T* out, T* scrat
     for (int64_t i = 0; i < H; ++i) double_row(g + row_source[i] * w, w, out + i * W, features + i * W);
     return;
   }
+#if defined(__AVX512F__)
+  // A gate plane of at most 16 values (the 3x3 gate of a 7x7 stage) in one register, upsampled by permutes over
+  // pixel_source: gathers of it were the largest cost of the 7x7 stage at batch 8.
+  if constexpr (std::is_same_v<T, float>) {
+    if (!pixel_source.empty() && h * w <= 16) {
+      const __m512 g = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (h * w)) - 1), plane(n, c));
+      for (int64_t q = 0; q < H * W; q += 16) {
+        const __mmask16 m = H * W - q >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (H * W - q)) - 1);
+        const __m512 gate = _mm512_maskz_permutexvar_ps(m, _mm512_maskz_loadu_epi32(m, pixel_source.data() + q), g);
+        _mm512_mask_storeu_ps(out + q, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, features + q), gate));
+      }
+      return;
+    }
+  }
+#endif
   values(n, c, 0, H, scratch);
 #pragma omp simd
   for (int64_t q = 0; q < H * W; ++q) out[q] = features[q] * scratch[q];

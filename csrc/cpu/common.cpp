@@ -181,11 +181,25 @@ Gate<T>::Gate(const T* data, int64_t channels, int64_t h, int64_t w, int64_t H, 
 namespace {
 
 // dst[2 k] = dst[2 k + 1] = src[k] for k < w: a row upsampled to twice its width (nearest); with `times`, those
-// values times times[2 k] and times[2 k + 1] (the gate product). For float by vector unpacks: pairs of scalar stores
-// were the gate product's largest cost at 28x28.
+// values times times[2 k] and times[2 k + 1] (the gate product). For float by vector permutes or unpacks: pairs of
+// scalar stores were the gate product's largest cost at 28x28.
 template <typename T>
 void double_row(const T* src, int64_t w, T* dst, const T* times = nullptr) {
   int64_t k = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {  // 8 values to 16 by one permute, the last 8 masked: no scalar tail
+    const __m512i pairs = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    for (; k < w; k += 8) {
+      const int64_t count = std::min<int64_t>(8, w - k);
+      const __mmask16 in = static_cast<__mmask16>((1u << count) - 1);
+      const __mmask16 out = static_cast<__mmask16>((1u << (2 * count)) - 1);
+      __m512 v = _mm512_maskz_permutexvar_ps(out, pairs, _mm512_maskz_loadu_ps(in, src + k));
+      if (times != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(out, times + 2 * k));
+      _mm512_mask_storeu_ps(dst + 2 * k, out, v);
+    }
+    return;
+  }
+#endif
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
     const auto store8 = [&](int64_t at, __m256 v) {

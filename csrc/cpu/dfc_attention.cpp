@@ -94,10 +94,11 @@ at::Tensor conv1x1_nhwc(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // One task of the quarter-resolution passes: sample n, channels [c0, c0 + cb) of [N, L, C] arrays; local buffers
-// are [L, ld], each pixel's cb channels padded to ld (local_stride). The channels split into blocks of equal size (at most kChannelBlock, at least 8 channels); when the
-// batch alone leaves threads idle, the blocks per sample are a multiple of the threads it leaves idle, so that the
-// tasks split evenly (at batch 1 on two threads 72 channels run as two blocks of 36: three blocks of 24 left one
-// thread waiting a third of the pass). Channels are independent, so the split does not change results.
+// are [L, ld], each pixel's cb channels padded to ld (local_stride). The channels split into blocks of equal size
+// (at most kChannelBlock, at least 8 channels); when the batch alone leaves threads idle, the blocks per sample are a
+// multiple of the threads it leaves idle, so that the tasks split evenly (at batch 1 on two threads 72 channels run
+// as two blocks of 36: three blocks of 24 left one thread waiting a third of the pass). Channels are independent, so
+// the split does not change results.
 struct Block {
   int64_t n, c0, cb, ld;
 };

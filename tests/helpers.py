@@ -20,6 +20,9 @@ TOLERANCES = {  # (rtol, atol) for comparing a backend with the eager reference
 }
 
 
+NOTHING_SAVED = torch.empty(0)  # the `saved` argument of a backend backward that recomputes everything
+
+
 class PlainSubclass(torch.Tensor):
     """A tensor subclass with no behaviour of its own: what the ops' shorter ways must not take for a plain tensor."""
 
@@ -112,3 +115,79 @@ def op_arguments(op, n, cin, oup, H, W, training, *, k=5, dw=3, ratio=2, relu=Tr
         return [x, features, *dfc, *_bn_lists((oup,) * 3, dtype, device), upsample, training, None]
     return [x, *primary, *dfc, *_bn_lists((init, new, oup, oup, oup), dtype, device), oup, relu, upsample, training,
             None]
+
+
+def bn_index(op) -> int:
+    """Position of the bn_weight list in the op's schema arguments."""
+    return {"ghost_concat": 3, "dfc_attention": 5, "ghost_attn": 6}[op]
+
+
+def _in_float32(value):
+    """Half-precision tensors (and lists of them) in float32; anything else as it is."""
+    if isinstance(value, list):
+        return [_in_float32(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value
+
+
+def compare_op_with_reference(op, args, dtype, forward, backward, scale=1.0):
+    """A backend's op against the eager backend: forward(*args) -> (out, stats_mean, stats_var) (output, statistics,
+    layout) and backward(grad_out, *args) -> every gradient of the schema.
+
+    In float16 / bfloat16 the BatchNorm parameters and statistics are float32 (as autocast keeps them) and the
+    reference runs in float32 on the same rounded values; the variances are compared at 4x the dtype's tolerance,
+    and each gradient element may also be as far from the reference as twice eager's own in that dtype (a training
+    BatchNorm's backward over few values amplifies the rounding of its half-precision input)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    b = bn_index(op)
+    args = list(args)
+    if half:
+        args[b:b + 4] = _in_float32(args[b:b + 4])
+    eager = backends.implementation("eager", op)
+    reference_args = _in_float32(args)
+    out, mean, var = forward(*args)
+    ref_out, ref_mean, ref_var, _ = eager.forward(*reference_args)
+    assert out.dtype == dtype and mean.dtype == ref_mean.dtype and var.dtype == ref_var.dtype
+    assert_close(out.to(ref_out.dtype), ref_out, dtype, "output", scale)
+    assert_close(mean, ref_mean, dtype, "stats_mean", scale)
+    assert_close(var, ref_var, dtype, "stats_var", scale * (4 if half else 1))
+    assert out.is_contiguous(memory_format=reference.memory_format_of(args[0]))
+    grad = torch.randn_like(ref_out)
+    sizes = [w.shape[0] for w in args[b]]
+    backward_args, reference_backward_args = list(args), list(reference_args)
+    for a in (backward_args, reference_backward_args):
+        a[b + 2], a[b + 3] = list(ref_mean.split(sizes)), list(ref_var.split(sizes))
+    actual = backward(grad.to(dtype), *backward_args)
+    expected = eager.backward(grad, NOTHING_SAVED, *reference_backward_args)
+    eager_in_dtype = eager.backward(grad.to(dtype), NOTHING_SAVED, *backward_args) if half else expected
+    assert len(actual) == len(expected)
+    for i, (a, e, h) in enumerate(zip(actual, expected, eager_in_dtype)):
+        # the last two: BatchNorm gradients, in the stats dtype
+        assert a.shape == e.shape and a.dtype == (e.dtype if i >= len(expected) - 2 else dtype), f"gradient {i}"
+        rtol, atol = TOLERANCES[dtype]
+        excess = (a.to(e.dtype) - e).abs() - (atol + rtol * e.abs()) * scale - 2 * (h.to(e.dtype) - e).abs()
+        assert e.numel() == 0 or excess.max() <= 0, (
+            f"gradient {i}: {int((excess > 0).sum())} of {e.numel()} elements off; the worst at "
+            f"{tuple(int(k) for k in torch.unravel_index(excess.argmax(), e.shape))}: {a.flatten()[excess.argmax()]} "
+            f"against {e.flatten()[excess.argmax()]} (eager in {dtype}: {h.flatten()[excess.argmax()]})")
+
+# (n, cin, oup, H, W, options) of op_arguments: odd and non-square sizes, the 7x7 of the last stage, N = 1 and 3, the
+# smallest pooled size (2x3), odd and even oup, K = 3 and 7, dw = 5, ratio 3, bilinear, no ReLU, channels_last.
+OP_CASES = {
+    "odd-5x7": (2, 3, 5, 5, 7, {}),
+    "n1-7x7-k7": (1, 4, 6, 7, 7, dict(k=7)),
+    "n3-4x9-bilinear": (3, 5, 4, 4, 9, dict(upsample="bilinear")),
+    "2x3-k3-norelu": (2, 2, 3, 2, 3, dict(k=3, relu=False)),
+    "9x6-ratio3-dw5": (2, 3, 7, 9, 6, dict(ratio=3, dw=5)),
+    "channels-last-bilinear-odd": (2, 3, 5, 7, 5, dict(channels_last=True, upsample="bilinear", k=3)),
+    "channels-last-6x8": (1, 4, 8, 6, 8, dict(channels_last=True)),
+}
+
+
+def case_arguments(op, case, training, **overrides):
+    """op_arguments for OP_CASES[case], without the options op does not take."""
+    n, cin, oup, H, W, options = OP_CASES[case]
+    dropped = {"ghost_concat": ("k", "upsample"), "dfc_attention": ("dw", "ratio", "relu"), "ghost_attn": ()}[op]
+    options = {key: value for key, value in {**options, **overrides}.items() if key not in dropped}
+    return op_arguments(op, n, cin, oup, H, W, training, **options)

@@ -19,70 +19,28 @@ import torch.nn.functional as F
 import ghostfused
 from ghostfused import backends, reference
 
-from helpers import assert_close, assert_modules_match, fused_copy, ghost_module, op_arguments, run_step
+from helpers import (OP_CASES, assert_close, assert_modules_match, bn_index, case_arguments,
+                     compare_op_with_reference, fused_copy, ghost_module, op_arguments, run_step)
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton") is not None, reason="triton cannot run here")
 
 GPU = torch.cuda.is_available()
 
 
-NOTHING_SAVED = torch.empty(0)  # the `saved` argument of a backend backward that recomputes everything
-
-
 def _triton(op):
     return importlib.import_module(f"ghostfused.triton.{op}")
 
 
-def _bn_index(op):
-    """Position of the bn_weight list in the op's arguments."""
-    return {"ghost_concat": 3, "dfc_attention": 5, "ghost_attn": 6}[op]
-
-
 def compare_with_reference(op, args, dtype, scale=1.0):
     """Forward (output, statistics, layout) and every gradient of the triton op against the eager backend."""
-    triton_op, eager = _triton(op), backends.implementation("eager", op)
-    out, mean, var = triton_op.forward(*args)
-    ref_out, ref_mean, ref_var, _ = eager.forward(*args)
-    assert_close(out, ref_out, dtype, "output", scale)
-    assert_close(mean, ref_mean, dtype, "stats_mean", scale)
-    assert_close(var, ref_var, dtype, "stats_var", scale)
-    assert out.is_contiguous(memory_format=reference.memory_format_of(args[0]))
-    grad = torch.randn_like(ref_out)
-    b = _bn_index(op)
-    sizes = [w.shape[0] for w in args[b]]
-    backward_args = list(args)
-    backward_args[b + 2], backward_args[b + 3] = list(ref_mean.split(sizes)), list(ref_var.split(sizes))
-    actual = triton_op.backward(grad, *backward_args)
-    expected = eager.backward(grad, NOTHING_SAVED, *backward_args)
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape, f"gradient {i}"
-        assert_close(a, e, dtype, f"gradient {i}", scale)
-
-
-# (n, cin, oup, H, W, options): odd and non-square sizes, the 7x7 of the last stage, N = 1 and 3, the smallest
-# pooled size (2x3), odd and even oup, K = 3 and 7, dw = 5, ratio 3, bilinear, no ReLU, channels_last.
-CASES = {
-    "odd-5x7": (2, 3, 5, 5, 7, {}),
-    "n1-7x7-k7": (1, 4, 6, 7, 7, dict(k=7)),
-    "n3-4x9-bilinear": (3, 5, 4, 4, 9, dict(upsample="bilinear")),
-    "2x3-k3-norelu": (2, 2, 3, 2, 3, dict(k=3, relu=False)),
-    "9x6-ratio3-dw5": (2, 3, 7, 9, 6, dict(ratio=3, dw=5)),
-    "channels-last-bilinear-odd": (2, 3, 5, 7, 5, dict(channels_last=True, upsample="bilinear", k=3)),
-    "channels-last-6x8": (1, 4, 8, 6, 8, dict(channels_last=True)),
-}
+    compare_op_with_reference(op, args, dtype, _triton(op).forward, _triton(op).backward, scale)
 
 
 @pytest.mark.parametrize("op", ["ghost_attn", "dfc_attention", "ghost_concat"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(OP_CASES))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_op_matches_reference_float64(op, case, training):
-    n, cin, oup, H, W, options = CASES[case]
-    if op == "ghost_concat":
-        options = {key: value for key, value in options.items() if key not in ("k", "upsample")}
-    elif op == "dfc_attention":
-        options = {key: value for key, value in options.items() if key not in ("dw", "ratio", "relu")}
-    compare_with_reference(op, op_arguments(op, n, cin, oup, H, W, training, **options), torch.float64)
+    compare_with_reference(op, case_arguments(op, case, training), torch.float64)
 
 
 @pytest.mark.parametrize("op", ["ghost_attn", "dfc_attention", "ghost_concat"])
@@ -139,7 +97,7 @@ def test_training_is_deterministic():
     second = _triton("ghost_attn").forward(*args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    b = _bn_index("ghost_attn")
+    b = bn_index("ghost_attn")
     sizes = [w.shape[0] for w in args[b]]
     args[b + 2], args[b + 3] = list(first[1].split(sizes)), list(first[2].split(sizes))
     grad = torch.randn_like(first[0])
@@ -210,7 +168,7 @@ def test_gradcheck_float64(op, training):
     (tests/test_ops.py covers the default configuration)."""
     ratio = 2 if op == "dfc_attention" else 3
     args = op_arguments(op, 2, 2, 5, 4, 5, training, k=3, ratio=ratio, relu=False, upsample="bilinear")
-    b = _bn_index(op)
+    b = bn_index(op)
     bn_mean, bn_var = args[b + 2], args[b + 3]
     tensors = [a for a in args[:b]] + args[b] + args[b + 1]
 
@@ -291,7 +249,7 @@ def compile_launches(cases) -> list[str]:
         args = op_arguments(op, 4, 24, 71, 14, 13, training, dtype=dtype, channels_last=channels_last,
                             device=torch.device("cpu"), **options)
         out, mean, var = _triton(op).forward(*args)
-        b = _bn_index(op)
+        b = bn_index(op)
         sizes = [w.shape[0] for w in args[b]]
         args[b + 2], args[b + 3] = list(mean.split(sizes)), list(var.split(sizes))
         _triton(op).backward(torch.ones_like(out), *args)
@@ -320,12 +278,6 @@ def test_kernels_compile_for_sm90():
 # ---------------------------------------------------------------------------------------------------------------
 # GPU only.
 
-def _to(args, dtype):
-    return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else
-            [t.to(dtype) for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a
-            for a in args]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -335,26 +287,7 @@ def _to(args, dtype):
                          ids=lambda s: "x".join(map(str, s)))
 def test_half_precision_on_gpu(dtype, op, training, shape):
     """Half-precision forward and gradients against the float32 eager computation on the same rounded inputs."""
-    args = op_arguments(op, *shape, training, dtype=dtype, device=torch.device("cuda"))
-    bn = _bn_index(op)
-    for i in range(bn, bn + 4):  # BatchNorm parameters and statistics in float32, as autocast keeps them
-        args[i] = [t.float() for t in args[i]]
-    reference_args = _to(args, torch.float32)
-    out, mean, var = _triton(op).forward(*args)
-    ref_out, ref_mean, ref_var, _ = backends.implementation("eager", op).forward(*reference_args)
-    assert out.dtype == dtype
-    assert_close(out.float(), ref_out, dtype, "output")
-    assert_close(mean, ref_mean, dtype, "stats_mean")
-    assert_close(var, ref_var, dtype, "stats_var", scale=4)
-    grad = torch.randn_like(ref_out)
-    sizes = [w.shape[0] for w in args[bn]]
-    for a in (args, reference_args):
-        a[bn + 2], a[bn + 3] = list(ref_mean.split(sizes)), list(ref_var.split(sizes))
-    actual = _triton(op).backward(grad.to(dtype), *args)
-    expected = backends.implementation("eager", op).backward(grad, NOTHING_SAVED, *reference_args)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        scale = 1 + e.abs().max().item()  # weight / BN gradients sum many pixels: tolerance relative to their size
-        assert_close(a.float(), e, dtype, f"gradient {i}", scale)
+    compare_with_reference(op, op_arguments(op, *shape, training, dtype=dtype, device=torch.device("cuda")), dtype)
 
 
 @pytest.mark.gpu

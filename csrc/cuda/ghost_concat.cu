@@ -113,9 +113,8 @@ template <typename T>
 cudaError_t cheap_moments(const GhostArgs& args, void* partials, cudaStream_t stream) {
   const GhostShape& s = args.shape;
   const int64_t size = s.height * s.width;
-  channel_moments_kernel<<<reduce_grid(s.batch * size, s.cheap), kBlock, 0, stream>>>(
-      CheapValue<T>{Ghost<T>::of(args)}, s.batch, size, static_cast<Moments*>(partials));
-  return launched();
+  return launch(channel_moments_kernel<CheapValue<T>>, reduce_grid(s.batch * size, s.cheap), stream,
+                CheapValue<T>{Ghost<T>::of(args)}, s.batch, size, static_cast<Moments*>(partials));
 }
 
 // The cheap branch's backward at one element: the BatchNorm-output gradient dv with its sums; with `write`, also
@@ -163,9 +162,8 @@ cudaError_t cheap_grad(const GhostArgs& args, const void* grad_out, const void* 
                            static_cast<const Acc*>(coef_c),
                            static_cast<Acc*>(dy2),
                            static_cast<Acc*>(product)};
-  channel_grad_sums_kernel<<<reduce_grid(s.batch * size, s.cheap), kBlock, 0, stream>>>(
-      terms, s.batch, size, static_cast<GradSums*>(partials));
-  return launched();
+  return launch(channel_grad_sums_kernel<CheapGrad<T>>, reduce_grid(s.batch * size, s.cheap), stream, terms, s.batch,
+                size, static_cast<GradSums*>(partials));
 }
 
 template <typename T>
@@ -187,10 +185,9 @@ template <typename T>
 cudaError_t cheap_weight_grad(const GhostArgs& args, const void* dy2, double* partials, cudaStream_t stream) {
   const GhostShape& s = args.shape;
   const int64_t size = s.height * s.width;
-  channel_tap_sums_kernel<<<reduce_grid(s.batch * size, s.cheap), kBlock, 0, stream>>>(
-      CheapTapTerm<T>{Ghost<T>::of(args), static_cast<const acc_t<T>*>(dy2)}, s.batch, size,
-      static_cast<int>(s.dw * s.dw), partials);
-  return launched();
+  return launch(channel_tap_sums_kernel<CheapTapTerm<T>>, reduce_grid(s.batch * size, s.cheap), stream,
+                CheapTapTerm<T>{Ghost<T>::of(args), static_cast<const acc_t<T>*>(dy2)}, s.batch, size,
+                static_cast<int>(s.dw * s.dw), partials);
 }
 
 // The primary channel's backward at one element, with the sums of its BatchNorm backward.
@@ -238,9 +235,8 @@ cudaError_t primary_grad(const GhostArgs& args, const void* grad_out, const void
                              static_cast<const Acc*>(dy2), static_cast<const Acc*>(out_scale),
                              mean,                         static_cast<T*>(y1_grad),
                              static_cast<Acc*>(product)};
-  channel_grad_sums_kernel<<<reduce_grid(s.batch * size, s.init), kBlock, 0, stream>>>(
-      terms, s.batch, size, static_cast<GradSums*>(partials));
-  return launched();
+  return launch(channel_grad_sums_kernel<PrimaryGrad<T>>, reduce_grid(s.batch * size, s.init), stream, terms, s.batch,
+                size, static_cast<GradSums*>(partials));
 }
 
 }  // namespace

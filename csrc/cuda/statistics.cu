@@ -17,9 +17,8 @@ struct Plain {  // value(c, n, l) = data[n, c, l]
 template <typename T>
 cudaError_t channel_moments(const void* data, int64_t batch, int64_t channels, int64_t size, void* partials,
                             cudaStream_t stream) {
-  channel_moments_kernel<<<reduce_grid(batch * size, channels), kBlock, 0, stream>>>(
-      Plain<T>{static_cast<const T*>(data), channels, size}, batch, size, static_cast<Moments*>(partials));
-  return launched();
+  return launch(channel_moments_kernel<Plain<T>>, reduce_grid(batch * size, channels), stream,
+                Plain<T>{static_cast<const T*>(data), channels, size}, batch, size, static_cast<Moments*>(partials));
 }
 
 struct FinishMoments {

@@ -169,11 +169,22 @@ __global__ void for_each_kernel(int64_t total, Body body) {
     body(i);
 }
 
+// kernel<<<grid, kBlock, 0, stream>>>(args...). The CPU tests' host emulation of the CUDA runtime
+// (tests/cuda_emulation) runs the same kernels on fibers instead.
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, cudaStream_t stream, const Args&... args) {
+#ifdef GHOSTFUSED_CUDA_EMULATION
+  emulation::run(grid, dim3(kBlock), [&] { kernel(args...); });
+#else
+  kernel<<<grid, kBlock, 0, stream>>>(args...);
+#endif
+  return launched();
+}
+
 template <typename Body>
 cudaError_t for_each(int64_t total, cudaStream_t stream, Body body) {
   if (total <= 0) return launched();
-  for_each_kernel<<<grid_for(total), kBlock, 0, stream>>>(total, body);
-  return launched();
+  return launch(for_each_kernel<Body>, dim3(grid_for(total)), stream, total, body);
 }
 
 // A grid of (chunks, channels) blocks for the per-channel reductions over count values per channel.

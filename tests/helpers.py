@@ -2,6 +2,7 @@
 
 import copy
 import math
+import socket
 
 import torch
 import torch.nn as nn
@@ -115,6 +116,34 @@ def op_arguments(op, n, cin, oup, H, W, training, *, k=5, dw=3, ratio=2, relu=Tr
         return [x, features, *dfc, *_bn_lists((oup,) * 3, dtype, device), upsample, training, None]
     return [x, *primary, *dfc, *_bn_lists((init, new, oup, oup, oup), dtype, device), oup, relu, upsample, training,
             None]
+
+
+def full_size_copies(op, args, grad_layout, forward, backward):
+    """The copies of tensors with at least N * H * W elements that a backend's raw kernels make in one
+    forward(*args) -> (out, mean, var, saved) and one backward(grad_out, saved, *args) (grad_out in ``grad_layout``),
+    as the profiler records the ATen calls inside them; and the output and the gradients of the full-resolution
+    inputs."""
+    b = bn_index(op)
+    n, _, h, w = args[0].shape
+    with torch.profiler.profile(record_shapes=True) as forward_profile:
+        out, mean, var, saved = forward(*args)
+    sizes = [t.shape[0] for t in args[b]]
+    args = args[:b + 2] + [list(mean.split(sizes)), list(var.split(sizes))] + args[b + 4:]
+    grad = torch.randn(out.shape, dtype=out.dtype).contiguous(memory_format=grad_layout)
+    with torch.profiler.profile(record_shapes=True) as backward_profile:
+        grads = backward(grad, saved, *args)
+    copies = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::contiguous")
+    found = [(e.name, e.input_shapes) for p in (forward_profile, backward_profile) for e in p.events()
+             if e.name in copies and any(isinstance(s, list) and s and math.prod(s) >= n * h * w
+                                         for s in e.input_shapes)]
+    return found, [out, *grads[:2 if op == "dfc_attention" else 1]]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def bn_index(op) -> int:

@@ -5,7 +5,6 @@ extension's check that nothing observes a kernel call.
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ghostfused
 from ghostfused import ops
 
-from helpers import PlainSubclass, assert_close, assert_modules_match, fused_copy, ghost_module, op_arguments
+from helpers import (PlainSubclass, assert_close, assert_modules_match, full_size_copies, fused_copy, ghost_module,
+                     op_arguments)
 
 pytestmark = pytest.mark.skipif("cpu" not in ghostfused.available_backends(),
                                 reason="the C++ extension with its cpu kernels is not built")
@@ -173,25 +173,8 @@ def test_dfc_attention_channels_last(upsample, kernel, shape, features_layout, d
     assert_modules_match(module, fused, dtype)
 
 
-def _full_size_copies(op, args, grad_layout):
-    """The copies of tensors with at least N * H * W elements that the raw cpu kernels make in one forward and one
-    backward (grad_out in ``grad_layout``), as the profiler records the ATen calls inside them; and the output and
-    the gradients of the full-resolution inputs."""
-    forward, backward = (getattr(torch.ops.ghostfused_C, f"{op}_{p}") for p in ("forward", "backward"))
-    b = {"ghost_concat": 3, "dfc_attention": 5, "ghost_attn": 6}[op]
-    n, _, h, w = args[0].shape
-    with torch.profiler.profile(record_shapes=True) as forward_profile:
-        out, mean, var, saved = forward(*args)
-    sizes = [t.shape[0] for t in args[b]]
-    args = args[:b + 2] + [list(mean.split(sizes)), list(var.split(sizes))] + args[b + 4:]
-    grad = torch.randn(out.shape, dtype=out.dtype).contiguous(memory_format=grad_layout)
-    with torch.profiler.profile(record_shapes=True) as backward_profile:
-        grads = backward(grad, saved, *args)
-    copies = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::contiguous")
-    found = [(e.name, e.input_shapes) for p in (forward_profile, backward_profile) for e in p.events()
-             if e.name in copies and any(isinstance(s, list) and s and math.prod(s) >= n * h * w
-                                         for s in e.input_shapes)]
-    return found, [out, *grads[:2 if op == "dfc_attention" else 1]]
+RAW_OPS = {op: (getattr(torch.ops.ghostfused_C, f"{op}_forward"), getattr(torch.ops.ghostfused_C, f"{op}_backward"))
+           for op in OPS}
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -203,11 +186,11 @@ def test_kernels_make_no_layout_copy(op, training, channels_last):
     grad_out in the other layout is converted, and that copy is found.)"""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     args = op_arguments(op, 2, 5, 7, 9, 6, training, dtype=torch.float32, channels_last=channels_last, device="cpu")
-    copies, results = _full_size_copies(op, args, layout)
+    copies, results = full_size_copies(op, args, layout, *RAW_OPS[op])
     assert copies == []
     assert all(t.is_contiguous(memory_format=layout) for t in results), "a result is not in x's layout"
     other = torch.contiguous_format if channels_last else torch.channels_last
-    assert _full_size_copies(op, args, other)[0] != []
+    assert full_size_copies(op, args, other, *RAW_OPS[op])[0] != []
 
 
 @pytest.mark.parametrize("op", ["dfc_attention", "ghost_attn"])

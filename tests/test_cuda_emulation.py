@@ -1,18 +1,29 @@
 """The cuda backend's kernels and glue, run on the CPU in the host emulation of the CUDA runtime
 (tests/cuda_emulation), against the eager reference: the same .cu sources a GPU build compiles, so their index maps,
-layouts, reductions (chunking, block trees, warp shuffles) and dtype conversions are checked without a GPU. Outputs
-are NaN-poisoned before the kernels write them. On a GPU machine tests/test_ops.py and the others run the real
-thing."""
+both layouts, reductions (chunking, block trees, warp shuffles), dtype conversions, the glue's GEMMs (no layout
+copies) and its SyncBatchNorm reductions (two gloo processes) are checked without a GPU. Outputs are NaN-poisoned
+before the kernels write them. On a GPU machine (a CUDA build of the extension) these are skipped: tests/test_ops.py
+and the other suites run the real kernels there."""
+
+import datetime
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from ghostfused import backends
 
 import cuda_emulation
-from helpers import NOTHING_SAVED, OP_CASES, case_arguments, compare_op_with_reference, op_arguments
+from helpers import (NOTHING_SAVED, OP_CASES, assert_close, bn_index, case_arguments, compare_op_with_reference,
+                     free_port, full_size_copies, op_arguments)
 
-pytestmark = pytest.mark.skipif(backends.extension() is None, reason="the C++ extension is not built")
+pytestmark = [
+    pytest.mark.skipif(backends.extension() is None, reason="the C++ extension is not built"),
+    # The emulated library registers for the CUDA key, where a CUDA build's real kernels are.
+    pytest.mark.skipif(backends.extension() is not None and backends.extension().built_with_cuda(),
+                       reason="the extension has the real CUDA kernels: the GPU suites run them"),
+]
 
 OPS = ["ghost_attn", "dfc_attention", "ghost_concat"]
 
@@ -22,12 +33,16 @@ def emulated_cuda_backend():
     cuda_emulation.load()
 
 
+def raw(op, direction):
+    return lambda *args: cuda_emulation.call(f"{op}_{direction}", *args)
+
+
 def forward(op):
-    return lambda *args: cuda_emulation.call(f"{op}_forward", *args)[:3]
+    return lambda *args: raw(op, "forward")(*args)[:3]
 
 
 def backward(op):
-    return lambda grad, *args: cuda_emulation.call(f"{op}_backward", grad, NOTHING_SAVED, *args)
+    return lambda grad, *args: raw(op, "backward")(grad, NOTHING_SAVED, *args)
 
 
 def compare(op, args, dtype, scale=1.0):
@@ -80,3 +95,66 @@ def test_inputs_with_other_strides():
     args = op_arguments("dfc_attention", 2, 3, 4, 5, 6, True, device="cpu")
     args[1] = args[1].contiguous(memory_format=torch.channels_last)
     compare("dfc_attention", args, torch.float64)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "contiguous"])
+def test_glue_makes_no_layout_copy(op, training, channels_last):
+    """No tensor of full resolution is copied between the glue's kernels and GEMMs, in either layout: x, features
+    and grad_out read where they are (NHWC kernels and GEMMs over all pixels for channels_last), the output and the
+    input gradients written in x's layout. (A grad_out in the other layout is converted, and that copy is found.)"""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    args = op_arguments(op, 2, 5, 7, 9, 6, training, dtype=torch.float32, channels_last=channels_last, device="cpu")
+    copies, results = full_size_copies(op, args, layout, raw(op, "forward"), raw(op, "backward"))
+    assert copies == []
+    assert all(t.is_contiguous(memory_format=layout) for t in results), "a result is not in x's layout"
+    other = torch.contiguous_format if channels_last else torch.channels_last
+    assert full_size_copies(op, args, other, raw(op, "forward"), raw(op, "backward"))[0] != []
+
+
+SYNC_SHARDS = (slice(0, 3), slice(3, 5))  # a global batch of 5 over two processes
+
+
+
+def _synchronised_op(rank: int, port: int, op: str, channels_last: bool):
+    """One process of two (gloo): the op on this process's shard with sync_group, against eager on the global batch:
+    output rows, statistics, input gradients, and parameter gradients summed over the processes."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        cuda_emulation.load()
+        torch.manual_seed(0)
+        args = op_arguments(op, 5, 3, 5, 7, 6, True, device="cpu", channels_last=channels_last)
+        grad = torch.randn(5, 5, 7, 6, dtype=torch.float64)
+        shard, inputs = SYNC_SHARDS[rank], 2 if op == "dfc_attention" else 1
+        local = [a[shard] if i < inputs else a for i, a in enumerate(args[:-1])] + [dist.group.WORLD.group_name]
+        eager = backends.implementation("eager", op)
+        out, mean, var, _ = cuda_emulation.call(f"{op}_forward", *local)
+        ref_out, ref_mean, ref_var, _ = eager.forward(*args)
+        assert_close(out, ref_out[shard], torch.float64, f"rank {rank}: output")
+        assert_close(mean, ref_mean, torch.float64, f"rank {rank}: stats_mean")
+        assert_close(var, ref_var, torch.float64, f"rank {rank}: stats_var")
+        b = bn_index(op)
+        sizes = [w.shape[0] for w in args[b]]
+        for a in (args, local):
+            a[b + 2], a[b + 3] = list(ref_mean.split(sizes)), list(ref_var.split(sizes))
+        actual = cuda_emulation.call(f"{op}_backward", grad[shard], NOTHING_SAVED, *local)
+        expected = eager.backward(grad, NOTHING_SAVED, *args)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            if i < inputs:
+                assert_close(a, e[shard], torch.float64, f"rank {rank}: input gradient {i}")
+            else:
+                dist.all_reduce(a)
+                assert_close(a, e, torch.float64, f"rank {rank}: parameter gradient {i}, summed")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_sync_batch_norm_matches_the_global_batch(op, channels_last):
+    """The glue's SyncGroup path: BatchNorm statistics and backward sums reduced over two gloo processes."""
+    cuda_emulation.load()  # built before the processes start
+    mp.spawn(_synchronised_op, args=(free_port(), op, channels_last), nprocs=2, join=True)

@@ -19,7 +19,6 @@ joins (or terminates) both processes before the test returns.
 
 import copy
 import datetime
-import socket
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import ghostfused
 
 from ecosystem_helpers import OUT_CHANNELS, cuda_backends, requires_cuda, two_ghost_modules
-from helpers import assert_close, cpu_backends, randomize_batch_norms
+from helpers import assert_close, cpu_backends, free_port, randomize_batch_norms
 
 WORLD_SIZE = 2
 DTYPE = torch.float64
@@ -40,11 +39,6 @@ BATCH_SIZES = (3, 2)  # per process: the statistics must weigh each process by i
 EMPTY_PROCESS = (4, 0)  # the second process has no samples but takes part in every reduction
 STEPS = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(rank: int, world_size: int, port: int, scenario: str, device: str, backend: str):
@@ -58,7 +52,7 @@ def _run(rank: int, world_size: int, port: int, scenario: str, device: str, back
 
 
 def _spawn(scenario: str, device: str = "cpu", backend: str = "auto"):
-    mp.spawn(_run, args=(WORLD_SIZE, _free_port(), scenario, device, backend), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_run, args=(WORLD_SIZE, free_port(), scenario, device, backend), nprocs=WORLD_SIZE, join=True)
 
 
 def _batches(step: int, device: torch.device, batch_sizes=BATCH_SIZES):

@@ -31,8 +31,16 @@ cudaStream_t current_stream() {
   return at::cuda::getCurrentCUDAStream().stream();
 }
 
-at::Tensor dense(const at::Tensor& t) {
-  return t.detach().contiguous();
+bool is_nhwc(const at::Tensor& x) {
+  return memory_format_of(x) == at::MemoryFormat::ChannelsLast;
+}
+
+at::Tensor dense(const at::Tensor& t, bool nhwc) {
+  return t.detach().contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+at::Tensor empty_full_resolution(at::IntArrayRef sizes, const at::TensorOptions& options, bool nhwc) {
+  return at::empty(sizes, options.memory_format(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
 }
 
 std::vector<DeviceBatchNorm> device_batch_norms(at::TensorList bn_weight, at::TensorList bn_bias,
@@ -118,11 +126,15 @@ at::Tensor packed(const std::vector<at::Tensor>& values, const at::Tensor& x) {
   return at::cat(values).to(stats_dtype(x));
 }
 
-at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight, bool nhwc) {
+  if (nhwc) return at::matmul(x.transpose(1, 2), weight.t()).transpose(1, 2);
   return at::matmul(weight, x).contiguous();
 }
 
 at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
+  const at::Tensor grad_rows = grad.transpose(1, 2), input_rows = input.transpose(1, 2);
+  if (grad_rows.is_contiguous() && input_rows.is_contiguous())
+    return at::mm(grad_rows.reshape({-1, grad.size(1)}).t(), input_rows.reshape({-1, input.size(1)}));
   if (grad.size(0) == 1) return at::mm(grad[0], input[0].t());
   return at::bmm(grad, input.transpose(1, 2)).to(acc_dtype(grad)).sum(0).to(grad.scalar_type());
 }

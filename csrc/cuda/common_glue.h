@@ -21,8 +21,12 @@ at::ScalarType acc_dtype(const at::Tensor& x);
 void check(cudaError_t error, const char* what);
 cudaStream_t current_stream();
 
-// t detached and dense NCHW (a copy only when needed).
-at::Tensor dense(const at::Tensor& t);
+// Whether an op on x runs its full-resolution tensors NHWC: x is channels_last (memory_format_of).
+bool is_nhwc(const at::Tensor& x);
+// t detached and dense, NHWC (channels_last) when nhwc, else NCHW (a copy only when t is not already).
+at::Tensor dense(const at::Tensor& t, bool nhwc = false);
+// An uninitialised [N, C, H, W] tensor, channels_last when nhwc.
+at::Tensor empty_full_resolution(at::IntArrayRef sizes, const at::TensorOptions& options, bool nhwc);
 
 // A BatchNorm on the device: parameters and the statistics it normalises with (double [C]), the folded map
 // (accumulation dtype [C]), and the group whose batch it normalises over in training.
@@ -60,9 +64,11 @@ at::Tensor nothing_saved(const at::Tensor& x);
 // The op's packed statistics / BatchNorm gradients: the double [C] tensors concatenated, in the stats dtype of x.
 at::Tensor packed(const std::vector<at::Tensor>& values, const at::Tensor& x);
 
-// [N, out, L] = weight [out, in] @ x [N, in, L] (cuBLAS, fp32 accumulation for half types).
-at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight);
-// [out, in] = sum over n of grad[n] @ input[n]^T.
+// [N, out, L] = weight [out, in] @ x [N, in, L] (cuBLAS, fp32 accumulation for half types), x in either layout
+// (strides [in * L, L, 1] or [in * L, 1, in]). The result is NCHW, or with nhwc a view of [N, L, out] (one GEMM
+// over all the pixels).
+at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight, bool nhwc);
+// [out, in] = sum over n of grad[n] @ input[n]^T; one GEMM over all the pixels when both are NHWC views.
 at::Tensor conv1x1_weight_grad(const at::Tensor& grad, const at::Tensor& input);
 // [C, taps] from per-chunk partials [chunks, C, taps] (double), summed over the chunks, in dtype.
 at::Tensor tap_grad(const at::Tensor& partials, at::ScalarType dtype);

@@ -7,23 +7,34 @@
 namespace ghostfused::cuda {
 namespace {
 
+// x and the pooled tensor (and their gradients) in the call's layout.
+__host__ __device__ inline Layout input_layout(const DfcShape& s) {
+  return {s.batch, s.in_channels, s.height, s.width, s.nhwc};
+}
+__host__ __device__ inline Layout pooled_layout(const DfcShape& s) {
+  return {s.batch, s.in_channels, s.h, s.w, s.nhwc};
+}
+// features, the output, their gradients and product.
+__host__ __device__ inline Layout feature_layout(const DfcShape& s) {
+  return {s.batch, s.channels, s.height, s.width, s.nhwc};
+}
+
 template <typename T>
 struct Pool {
   DfcShape s;
   const T* x;
   T* pooled;
-  __device__ void operator()(int64_t item) const {  // item = (n * Cin + c) * h * w + i * w + j
-    const int64_t j = item % s.w, i = (item / s.w) % s.h, plane = item / (s.h * s.w);
-    const T* top = x + (plane * s.height + 2 * i) * s.width + 2 * j;
-    const T* bottom = top + s.width;
-    pooled[item] = from_acc<T>(average_2x2(to_acc(top[0]), to_acc(top[1]), to_acc(bottom[0]), to_acc(bottom[1])));
+  __device__ void operator()(int64_t item) const {  // item: a pooled element, in memory order
+    const Layout in = input_layout(s);
+    const Element e = pooled_layout(s).first(item, 1);
+    const auto at = [&](int64_t di, int64_t dj) { return to_acc(x[in.offset(e.n, e.c, 2 * e.i + di, 2 * e.j + dj)]); };
+    pooled[item] = from_acc<T>(average_2x2(at(0, 0), at(0, 1), at(1, 0), at(1, 1)));
   }
 };
 
 template <typename T>
 cudaError_t pool(const DfcShape& s, const void* x, void* pooled, cudaStream_t stream) {
-  return for_each(s.batch * s.in_channels * s.h * s.w, stream,
-                  Pool<T>{s, static_cast<const T*>(x), static_cast<T*>(pooled)});
+  return for_each(pooled_layout(s).numel(), stream, Pool<T>{s, static_cast<const T*>(x), static_cast<T*>(pooled)});
 }
 
 // The input of a DFC convolution: scale * z_in + shift at quarter resolution, z_in in T or Acc.
@@ -89,7 +100,13 @@ cudaError_t gate_sigmoid(const DfcShape& s, const void* z, const void* scale, co
                                static_cast<const Acc*>(shift), static_cast<Acc*>(gate)});
 }
 
-// out = features times the upsampled gate, VEC consecutive elements of a row per item.
+// The upsampled gate (Acc [N, C, h, w]) at a full-resolution element.
+template <typename Acc>
+__device__ __forceinline__ Acc gate_at(const DfcShape& s, const Acc* gate, const Element& e) {
+  return upsampled(gate + (e.n * s.channels + e.c) * s.h * s.w, s.h, s.w, s.height, s.width, e.i, e.j, s.nearest);
+}
+
+// out = features times the upsampled gate, VEC consecutive elements (of a row, or of a pixel's channels) per item.
 template <typename T, int VEC>
 struct GateProduct {
   using Acc = acc_t<T>;
@@ -98,15 +115,13 @@ struct GateProduct {
   const Acc* gate;
   T* out;
   __device__ void operator()(int64_t item) const {
-    const int64_t per_row = s.width / VEC;
-    const int64_t j0 = (item % per_row) * VEC, i = (item / per_row) % s.height, plane = item / (per_row * s.height);
-    const int64_t offset = (plane * s.height + i) * s.width + j0;
-    const Acc* g = gate + plane * s.h * s.w;
+    const Layout layout = feature_layout(s);
+    const Element first = layout.first(item, VEC);
+    const int64_t offset = layout.offset(first);
     const Vec<T, VEC> f = *reinterpret_cast<const Vec<T, VEC>*>(features + offset);
     Vec<T, VEC> o;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k)
-      o.v[k] = from_acc<T>(to_acc(f.v[k]) * upsampled(g, s.h, s.w, s.height, s.width, i, j0 + k, s.nearest));
+    for (int k = 0; k < VEC; ++k) o.v[k] = from_acc<T>(to_acc(f.v[k]) * gate_at(s, gate, layout.next(first, k)));
     *reinterpret_cast<Vec<T, VEC>*>(out + offset) = o;
   }
 };
@@ -114,13 +129,12 @@ struct GateProduct {
 template <typename T>
 cudaError_t gate_product(const DfcShape& s, const void* features, const void* gate, void* out, cudaStream_t stream) {
   using Acc = acc_t<T>;
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t rows = s.batch * s.channels * s.height;
+  const Layout layout = feature_layout(s);
   const T* f = static_cast<const T*>(features);
   const Acc* g = static_cast<const Acc*>(gate);
-  if (s.width % kVec == 0)
-    return for_each(rows * (s.width / kVec), stream, GateProduct<T, kVec>{s, f, g, static_cast<T*>(out)});
-  return for_each(rows * s.width, stream, GateProduct<T, 1>{s, f, g, static_cast<T*>(out)});
+  if (vectorised<T>(layout))
+    return for_each(layout.numel() / kVec<T>, stream, GateProduct<T, kVec<T>>{s, f, g, static_cast<T*>(out)});
+  return for_each(layout.numel(), stream, GateProduct<T, 1>{s, f, g, static_cast<T*>(out)});
 }
 
 template <typename T>
@@ -131,10 +145,9 @@ struct GateProductBackward {
   const Acc* gate;
   T* dfeatures;
   Acc* product;
-  __device__ void operator()(int64_t item) const {
-    const int64_t j = item % s.width, i = (item / s.width) % s.height, plane = item / (s.width * s.height);
+  __device__ void operator()(int64_t item) const {  // item: an element, in memory order
     const Acc go = to_acc(grad_out[item]);
-    dfeatures[item] = from_acc<T>(go * upsampled(gate + plane * s.h * s.w, s.h, s.w, s.height, s.width, i, j, s.nearest));
+    dfeatures[item] = from_acc<T>(go * gate_at(s, gate, feature_layout(s).first(item, 1)));
     product[item] = go * to_acc(features[item]);
   }
 };
@@ -143,7 +156,7 @@ template <typename T>
 cudaError_t gate_product_backward(const DfcShape& s, const void* grad_out, const void* features, const void* gate,
                                   void* dfeatures, void* product, cudaStream_t stream) {
   using Acc = acc_t<T>;
-  return for_each(s.batch * s.channels * s.height * s.width, stream,
+  return for_each(feature_layout(s).numel(), stream,
                   GateProductBackward<T>{s, static_cast<const T*>(grad_out), static_cast<const T*>(features),
                                          static_cast<const Acc*>(gate), static_cast<T*>(dfeatures),
                                          static_cast<Acc*>(product)});
@@ -157,15 +170,17 @@ struct GateGrad {
   Acc* dgate;
   __device__ void operator()(int64_t item) const {
     const int64_t gj = item % s.w, gi = (item / s.w) % s.h, plane = item / (s.h * s.w);
+    const int64_t n = plane / s.channels, c = plane % s.channels;
     const TapRange rows = upsample_readers(gi, s.h, s.height, s.nearest);
     const TapRange cols = upsample_readers(gj, s.w, s.width, s.nearest);
-    const Acc* p = product + plane * s.height * s.width;
+    const Layout layout = feature_layout(s);
     Acc sum = Acc(0);
     for (int64_t i = rows.lo; i < rows.hi; ++i) {
       const Acc wr = upsample_weight<Acc>(i, gi, s.h, s.height, s.nearest);
       if (wr == Acc(0)) continue;
       Acc row = Acc(0);
-      for (int64_t j = cols.lo; j < cols.hi; ++j) row += upsample_weight<Acc>(j, gj, s.w, s.width, s.nearest) * p[i * s.width + j];
+      for (int64_t j = cols.lo; j < cols.hi; ++j)
+        row += upsample_weight<Acc>(j, gj, s.w, s.width, s.nearest) * product[layout.offset(n, c, i, j)];
       sum += wr * row;
     }
     dgate[item] = sum;
@@ -310,11 +325,12 @@ struct PoolBackward {
   const T* pooled_grad;
   T* dx;
   bool accumulate;
-  __device__ void operator()(int64_t item) const {
-    const int64_t j = item % s.width, i = (item / s.width) % s.height, plane = item / (s.width * s.height);
+  __device__ void operator()(int64_t item) const {  // item: an element of dx, in memory order
     using Acc = acc_t<T>;
+    const Element e = input_layout(s).first(item, 1);
     Acc grad = Acc(0);  // zero in the row / column the pooling dropped
-    if (i < 2 * s.h && j < 2 * s.w) grad = to_acc(pooled_grad[(plane * s.h + i / 2) * s.w + j / 2]) * Acc(0.25);
+    if (e.i < 2 * s.h && e.j < 2 * s.w)
+      grad = to_acc(pooled_grad[pooled_layout(s).offset(e.n, e.c, e.i / 2, e.j / 2)]) * Acc(0.25);
     dx[item] = from_acc<T>(accumulate ? to_acc(dx[item]) + grad : grad);
   }
 };
@@ -322,7 +338,7 @@ struct PoolBackward {
 template <typename T>
 cudaError_t pool_backward(const DfcShape& s, const void* pooled_grad, void* dx, bool accumulate,
                           cudaStream_t stream) {
-  return for_each(s.batch * s.in_channels * s.height * s.width, stream,
+  return for_each(input_layout(s).numel(), stream,
                   PoolBackward<T>{s, static_cast<const T*>(pooled_grad), static_cast<T*>(dx), accumulate});
 }
 

@@ -15,7 +15,9 @@ DfcState dfc_state(const at::Tensor& x, const at::Tensor& conv_weight, const at:
                    bool batch_statistics) {
   const int64_t channels = sizes.channels, k = sizes.kernel, size = sizes.pooled_h * sizes.pooled_w;
   DfcState d;
-  d.shape = {x.size(0), x.size(1), x.size(2), x.size(3), channels, sizes.pooled_h, sizes.pooled_w, k, sizes.nearest};
+  const bool nhwc = is_nhwc(x);
+  d.shape = {x.size(0), x.size(1), x.size(2), x.size(3), channels, sizes.pooled_h, sizes.pooled_w, k, sizes.nearest,
+             nhwc};
   d.conv_weight = dense(conv_weight).view({channels, x.size(1)});
   d.horizontal_weight = dense(horizontal_weight).view({channels, k});
   d.vertical_weight = dense(vertical_weight).view({channels, k});
@@ -23,10 +25,11 @@ DfcState dfc_state(const at::Tensor& x, const at::Tensor& conv_weight, const at:
   const DType dtype = dtype_of(x);
   const cudaStream_t stream = current_stream();
   const int64_t count = d.shape.batch * size;
-  const at::Tensor xd = dense(x);
-  d.pooled = at::empty({d.shape.batch, d.shape.in_channels, size}, xd.options());
+  const at::Tensor xd = dense(x, nhwc);
+  d.pooled = nhwc ? at::empty({d.shape.batch, size, d.shape.in_channels}, xd.options()).transpose(1, 2)
+                  : at::empty({d.shape.batch, d.shape.in_channels, size}, xd.options());
   check(cuda::launch_average_pool(dtype, d.shape, xd.data_ptr(), d.pooled.data_ptr(), stream), "average_pool");
-  d.z0 = conv1x1(d.pooled, d.conv_weight);
+  d.z0 = conv1x1(d.pooled, d.conv_weight, false);
   const at::TensorOptions acc = xd.options().dtype(acc_dtype(xd));
   const DType acc_type = acc_dtype(xd) == at::kDouble ? DType::Float64 : DType::Float32;
   // Each stage: the statistics of its input (batch), the folded map, the next convolution.
@@ -34,8 +37,8 @@ DfcState dfc_state(const at::Tensor& x, const at::Tensor& conv_weight, const at:
     at::Tensor moments;
     if (batch_statistics) {
       moments = moments_partials(count, channels, xd);
-      check(cuda::launch_channel_moments(z_type, z.data_ptr(), d.shape.batch, channels, size, moments.data_ptr(),
-                                         stream),
+      check(cuda::launch_channel_moments(z_type, z.data_ptr(), d.shape.batch, channels, size, false,
+                                         moments.data_ptr(), stream),
             "channel_moments");
     }
     finish_batch_norm(d.bns[index], batch_statistics ? &moments : nullptr, count, dtype);
@@ -100,7 +103,7 @@ DfcGrads dfc_backward(const DfcState& d, const at::Tensor& product, bool trainin
   const at::Tensor dz1 = batch_norm(1, d.z1, false);
   grads.horizontal_weight = conv(true, dz1, d.z0, true, 0, d.horizontal_weight);
   const at::Tensor dz0 = batch_norm(0, d.z0, true).to(d.pooled.scalar_type());
-  grads.pooled = conv1x1(dz0, d.conv_weight.t());
+  grads.pooled = conv1x1(dz0, d.conv_weight.t(), s.nhwc);
   grads.conv_weight = conv1x1_weight_grad(dz0, d.pooled);
   return grads;
 }
@@ -126,12 +129,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_attention_forward
     vertical_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, std::string(upsample), training && !sync.active());
   const DfcState d = dfc_state(x, conv_weight, horizontal_weight, vertical_weight,
                                device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, training);
-  const at::Tensor feats = dense(features);
-  at::Tensor out = empty_output(feats.sizes(), feats.options());
+  const at::Tensor feats = dense(features, d.shape.nhwc);
+  at::Tensor out = empty_output(feats.sizes(), feats.options(), memory_format_of(x));
   check(cuda::launch_gate_product(dtype_of(x), d.shape, feats.data_ptr(), d.gate.data_ptr(), out.data_ptr(),
                                   current_stream()),
         "gate_product");
-  return {out.contiguous(memory_format_of(x)), packed({d.bns[0].mean, d.bns[1].mean, d.bns[2].mean}, x),
+  return {out, packed({d.bns[0].mean, d.bns[1].mean, d.bns[2].mean}, x),
           packed({d.bns[0].var, d.bns[1].var, d.bns[2].var}, x), nothing_saved(x)};
 }
 
@@ -147,15 +150,15 @@ dfc_attention_backward(const at::Tensor& grad_out, const at::Tensor& /*saved*/, 
   check_grad_out(kBackward, grad_out, x, s.channels);
   const DfcState d = dfc_state(x, conv_weight, horizontal_weight, vertical_weight,
                                device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync), s, false);
-  const at::Tensor feats = dense(features), grad = dense(grad_out);
-  at::Tensor dfeatures = empty_output(feats.sizes(), feats.options());
-  at::Tensor product = at::empty(feats.sizes(), feats.options().dtype(acc_dtype(feats)));
+  const at::Tensor feats = dense(features, d.shape.nhwc), grad = dense(grad_out, d.shape.nhwc);
+  at::Tensor dfeatures = empty_output(feats.sizes(), feats.options(), memory_format_of(x));
+  at::Tensor product = empty_full_resolution(feats.sizes(), feats.options().dtype(acc_dtype(feats)), d.shape.nhwc);
   check(cuda::launch_gate_product_backward(dtype_of(x), d.shape, grad.data_ptr(), feats.data_ptr(),
                                            d.gate.data_ptr(), dfeatures.data_ptr(), product.data_ptr(),
                                            current_stream()),
         "gate_product_backward");
   const DfcGrads grads = dfc_backward(d, product, training);
-  at::Tensor dx = empty_output(x.sizes(), feats.options());
+  at::Tensor dx = empty_output(x.sizes(), feats.options(), memory_format_of(x));
   pool_backward(d, grads.pooled, dx, false);
   std::vector<at::Tensor> weight_grads, bias_grads;
   for (const DeviceBatchNormGrad& g : grads.bns) {

@@ -12,7 +12,7 @@ struct DfcState {
   at::Tensor conv_weight;        // [C, Cin]
   at::Tensor horizontal_weight;  // [C, K]
   at::Tensor vertical_weight;    // [C, K]
-  at::Tensor pooled;             // [N, Cin, h * w]
+  at::Tensor pooled;             // [N, Cin, h * w], a view of [N, h * w, Cin] when shape.nhwc
   at::Tensor z0, z1, z2, gate;   // [N, C, h * w]
   std::vector<DeviceBatchNorm> bns;
 
@@ -24,15 +24,16 @@ DfcState dfc_state(const at::Tensor& x, const at::Tensor& conv_weight, const at:
                    bool batch_statistics);
 
 struct DfcGrads {
-  at::Tensor pooled;  // [N, Cin, h * w] (dtype)
+  at::Tensor pooled;  // [N, Cin, h * w] (dtype), in the state's pooled layout
   at::Tensor conv_weight, horizontal_weight, vertical_weight;
   std::vector<DeviceBatchNormGrad> bns;
 };
 
-// Backward from product [N, C, H, W] (accumulation dtype): grad_out times what the gate multiplied.
+// Backward from product [N, C, H, W] (accumulation dtype, dense in the state's layout): grad_out times what the
+// gate multiplied.
 DfcGrads dfc_backward(const DfcState& state, const at::Tensor& product, bool training);
 
-// dx [N, Cin, H, W] (+)= the transposed pooling of grads.pooled.
+// dx [N, Cin, H, W] (dense in the state's layout) (+)= the transposed pooling of grads.pooled.
 void pool_backward(const DfcState& state, const at::Tensor& pooled_grad, at::Tensor& dx, bool accumulate);
 
 }  // namespace ghostfused::cuda_glue

@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
   const States st = states(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
                            bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync, s, relu, training);
   const GhostSizes& gs = s.ghost;
-  at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, x.options());
+  at::Tensor out = empty_output({gs.batch, gs.oup, gs.height, gs.width}, x.options(), memory_format_of(x));
   check(cuda::launch_ghost_write(st.ghost.args(st.dfc.view()), out.data_ptr(), current_stream()), "ghost_write");
   const std::vector<const DeviceBatchNorm*> bns = {&st.ghost.primary_bn, &st.ghost.cheap_bn, &st.dfc.bns[0],
                                                    &st.dfc.bns[1], &st.dfc.bns[2]};
@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_attn_forward(
     means.push_back(bn->mean);
     vars.push_back(bn->var);
   }
-  return {out.contiguous(memory_format_of(x)), packed(means, x), packed(vars, x), nothing_saved(x)};
+  return {out, packed(means, x), packed(vars, x), nothing_saved(x)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -69,8 +69,9 @@ ghost_attn_backward(const at::Tensor& grad_out, const at::Tensor& /*saved*/, con
   const States st = states(x, primary_weight, cheap_weight, conv_weight, horizontal_weight, vertical_weight,
                            bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync, s, relu, false);
   const GhostSizes& gs = s.ghost;
-  at::Tensor product = at::empty({gs.batch, gs.oup, gs.height, gs.width}, x.options().dtype(acc_dtype(x)));
-  const GhostGrads ghost = ghost_backward(st.ghost, dense(grad_out), st.dfc.view(), product, training);
+  at::Tensor product = empty_full_resolution({gs.batch, gs.oup, gs.height, gs.width},
+                                             x.options().dtype(acc_dtype(x)), st.ghost.nhwc);
+  const GhostGrads ghost = ghost_backward(st.ghost, dense(grad_out, st.ghost.nhwc), st.dfc.view(), product, training);
   const DfcGrads dfc = dfc_backward(st.dfc, product, training);
   at::Tensor dx = ghost.x.view(x.sizes());
   pool_backward(st.dfc, dfc.pooled, dx, true);

@@ -35,9 +35,16 @@ struct Ghost {
             a.gate.nearest};
   }
 
+  // A full-resolution tensor of `channels` channels in the call's layout.
+  __device__ Layout layout(int64_t channels) const { return {s.batch, channels, s.height, s.width, s.nhwc}; }
+
+  __device__ int64_t plane_index(int64_t n, int64_t channels, int64_t c, int64_t i, int64_t j) const {
+    return layout(channels).offset(n, c, i, j);
+  }
+
   // act(BN0(y1)) of primary channel c at (i, j).
   __device__ Acc a1(int64_t n, int64_t c, int64_t i, int64_t j) const {
-    return activate(scale0[c] * to_acc(y1[((n * s.init + c) * s.height + i) * s.width + j]) + shift0[c], s.relu);
+    return activate(scale0[c] * to_acc(y1[plane_index(n, s.init, c, i, j)]) + shift0[c], s.relu);
   }
 
   // The cheap depthwise convolution (before its BatchNorm) of cheap channel j at (i, col).
@@ -49,45 +56,35 @@ struct Ghost {
                              [&](int t) { return to_acc(taps[t]); }, k, k, i, col, s.height, s.width);
   }
 
+  // The ungated output channel oc at (i, j): act(BN0(y1)) or act(BN1(y2)).
+  __device__ Acc ungated(int64_t n, int64_t oc, int64_t i, int64_t j) const {
+    if (oc < s.init) return a1(n, oc, i, j);
+    const int64_t c = oc - s.init;
+    return activate(scale1[c] * y2(n, c, i, j) + shift1[c], s.relu);
+  }
+
   // The upsampled gate of output channel oc at (i, j); 1 without a gate.
   __device__ Acc gate_at(int64_t n, int64_t oc, int64_t i, int64_t j) const {
     if (gate == nullptr) return Acc(1);
     return upsampled(gate + (n * s.oup + oc) * gate_h * gate_w, gate_h, gate_w, s.height, s.width, i, j, nearest);
   }
-
-  __device__ int64_t plane_index(int64_t n, int64_t channels, int64_t c, int64_t i, int64_t j) const {
-    return ((n * channels + c) * s.height + i) * s.width + j;
-  }
 };
 
-// out (VEC consecutive elements of a row per item) = the Ghost output times the gate.
+// out = the Ghost output times the gate, VEC consecutive elements (of a row, or of a pixel's channels) per item.
 template <typename T, int VEC>
 struct Write {
-  using Acc = acc_t<T>;
   Ghost<T> g;
   T* out;
   __device__ void operator()(int64_t item) const {
-    const GhostShape& s = g.s;
-    const int64_t per_row = s.width / VEC;
-    const int64_t j0 = (item % per_row) * VEC;
-    int64_t rest = item / per_row;
-    const int64_t i = rest % s.height;
-    rest /= s.height;
-    const int64_t oc = rest % s.oup, n = rest / s.oup;
-    Acc v[VEC];
-    if (oc < s.init) {
-      const Vec<T, VEC> y = *reinterpret_cast<const Vec<T, VEC>*>(g.y1 + g.plane_index(n, s.init, oc, i, j0));
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = activate(g.scale0[oc] * to_acc(y.v[k]) + g.shift0[oc], s.relu);
-    } else {
-      const int64_t j = oc - s.init;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = activate(g.scale1[j] * g.y2(n, j, i, j0 + k) + g.shift1[j], s.relu);
-    }
+    const Layout layout = g.layout(g.s.oup);
+    const Element first = layout.first(item, VEC);
     Vec<T, VEC> o;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) o.v[k] = from_acc<T>(v[k] * g.gate_at(n, oc, i, j0 + k));
-    *reinterpret_cast<Vec<T, VEC>*>(out + g.plane_index(n, s.oup, oc, i, j0)) = o;
+    for (int k = 0; k < VEC; ++k) {
+      const Element e = layout.next(first, k);
+      o.v[k] = from_acc<T>(g.ungated(e.n, e.c, e.i, e.j) * g.gate_at(e.n, e.c, e.i, e.j));
+    }
+    *reinterpret_cast<Vec<T, VEC>*>(out + layout.offset(first)) = o;
   }
 };
 
@@ -95,10 +92,10 @@ template <typename T>
 cudaError_t write(const GhostArgs& args, void* out, cudaStream_t stream) {
   const Ghost<T> g = Ghost<T>::of(args);
   const GhostShape& s = args.shape;
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t rows = s.batch * s.oup * s.height;
-  if (s.width % kVec == 0) return for_each(rows * (s.width / kVec), stream, Write<T, kVec>{g, static_cast<T*>(out)});
-  return for_each(rows * s.width, stream, Write<T, 1>{g, static_cast<T*>(out)});
+  const Layout layout{s.batch, s.oup, s.height, s.width, s.nhwc};
+  if (vectorised<T>(layout))
+    return for_each(layout.numel() / kVec<T>, stream, Write<T, kVec<T>>{g, static_cast<T*>(out)});
+  return for_each(layout.numel(), stream, Write<T, 1>{g, static_cast<T*>(out)});
 }
 
 template <typename T>
@@ -131,7 +128,7 @@ struct CheapGrad {
   __device__ void operator()(int64_t j, int64_t n, int64_t l, double& dy, double& dy_centered) const {
     const GhostShape& s = g.s;
     const int64_t och = s.init + j, i = l / s.width, col = l % s.width;
-    const int64_t index = (n * s.cheap + j) * s.height * s.width + l;
+    const int64_t index = g.plane_index(n, s.cheap, j, i, col);
     if (och >= s.oup) {  // dropped by [:oup]: no gradient
       if (dy2 != nullptr) dy2[index] = Acc(0);
       return;
@@ -174,9 +171,9 @@ struct CheapTapTerm {  // dy2 times the input of tap t
   __device__ double operator()(int64_t j, int64_t n, int64_t l, int t) const {
     const GhostShape& s = g.s;
     const int64_t pad = s.dw / 2;
-    const int64_t r = l / s.width + t / s.dw - pad, q = l % s.width + t % s.dw - pad;
+    const int64_t i = l / s.width, col = l % s.width, r = i + t / s.dw - pad, q = col + t % s.dw - pad;
     if (r < 0 || r >= s.height || q < 0 || q >= s.width) return 0.0;
-    return static_cast<double>(dy2[(n * s.cheap + j) * s.height * s.width + l]) *
+    return static_cast<double>(dy2[g.plane_index(n, s.cheap, j, i, col)]) *
            static_cast<double>(g.a1(n, j / s.multiplier, r, q));
   }
 };
@@ -203,15 +200,14 @@ struct PrimaryGrad {
   Acc* product;
   __device__ void operator()(int64_t c, int64_t n, int64_t l, double& dy, double& dy_centered) const {
     const GhostShape& s = g.s;
-    const int64_t i = l / s.width, col = l % s.width, size = s.height * s.width;
+    const int64_t i = l / s.width, col = l % s.width;
     const int k = static_cast<int>(s.dw);
     Acc grad = Acc(0);  // from the cheap channels reading this primary channel (dy2 is zero for dropped ones)
     for (int64_t r = 0; r < s.multiplier; ++r) {
       const int64_t j = c * s.multiplier + r;
-      const Acc* plane = dy2 + (n * s.cheap + j) * size;
       const T* taps = g.cheap_weight + j * s.dw * s.dw;
-      grad += depthwise_transposed_at<Acc>([&](int64_t rr, int64_t q) { return plane[rr * s.width + q]; },
-                                           [&](int t) { return to_acc(taps[t]); }, k, k, i, col, s.height,
+      const auto dy2_at = [&](int64_t row, int64_t q) { return dy2[g.plane_index(n, s.cheap, j, row, q)]; };
+      grad += depthwise_transposed_at<Acc>(dy2_at, [&](int t) { return to_acc(taps[t]); }, k, k, i, col, s.height,
                                            s.width);
     }
     const Acc a1 = g.a1(n, c, i, col);

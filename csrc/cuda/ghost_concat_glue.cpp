@@ -8,7 +8,7 @@ namespace ghostfused::cuda_glue {
 cuda::GhostArgs GhostState::args(const cuda::GateView& gate) const {
   const GhostSizes& s = sizes;
   auto data = [](const at::Tensor& t) -> const void* { return t.defined() ? t.data_ptr() : nullptr; };
-  return {{s.batch, s.height, s.width, s.init, s.cheap, s.multiplier, s.oup, s.dw, relu},
+  return {{s.batch, s.height, s.width, s.init, s.cheap, s.multiplier, s.oup, s.dw, relu, nhwc},
           dtype_of(x),
           y1.data_ptr(),
           cheap_weight.data_ptr(),
@@ -24,9 +24,11 @@ GhostState ghost_state(const at::Tensor& x, const at::Tensor& primary_weight, co
                        bool batch_statistics) {
   const GhostSizes& s = sizes;
   const int64_t size = s.height * s.width, count = s.batch * size;
+  const bool nhwc = is_nhwc(x);
   GhostState g{sizes,
                relu,
-               dense(x).view({s.batch, s.in_channels, size}),
+               nhwc,
+               dense(x, nhwc).view({s.batch, s.in_channels, size}),
                dense(primary_weight).view({s.init, s.in_channels}),
                dense(cheap_weight).view({s.cheap, s.dw * s.dw}),
                at::Tensor(),
@@ -34,11 +36,12 @@ GhostState ghost_state(const at::Tensor& x, const at::Tensor& primary_weight, co
                std::move(cheap_bn)};
   const DType dtype = dtype_of(x);
   const cudaStream_t stream = current_stream();
-  g.y1 = conv1x1(g.x, g.primary_weight);
+  g.y1 = conv1x1(g.x, g.primary_weight, nhwc);
   at::Tensor moments;
   if (batch_statistics) {
     moments = moments_partials(count, s.init, x);
-    check(cuda::launch_channel_moments(dtype, g.y1.data_ptr(), s.batch, s.init, size, moments.data_ptr(), stream),
+    check(cuda::launch_channel_moments(dtype, g.y1.data_ptr(), s.batch, s.init, size, nhwc, moments.data_ptr(),
+                                       stream),
           "channel_moments");
   }
   finish_batch_norm(g.primary_bn, batch_statistics ? &moments : nullptr, count, dtype);
@@ -68,7 +71,8 @@ GhostGrads ghost_backward(const GhostState& g, const at::Tensor& grad_out, const
           "cheap_grad_sums");
   }
   const DeviceBatchNormGrad cheap = batch_norm_backward(g.cheap_bn, cheap_sums, count, training, g.x);
-  at::Tensor dy2 = at::empty({s.batch, s.cheap, size}, g.x.options().dtype(acc_dtype(g.x)));
+  at::Tensor dy2 =
+      empty_full_resolution({s.batch, s.cheap, s.height, s.width}, g.x.options().dtype(acc_dtype(g.x)), g.nhwc);
   at::Tensor sums = grad_sums_partials(count, s.cheap, g.x);
   check(cuda::launch_cheap_backward(args, grad_out.data_ptr(), cheap.a.data_ptr(), cheap.b.data_ptr(),
                                     cheap.c.data_ptr(), g.cheap_bn.mean.data_ptr<double>(), dy2.data_ptr(),
@@ -93,9 +97,9 @@ GhostGrads ghost_backward(const GhostState& g, const at::Tensor& grad_out, const
   if (training)
     check(cuda::launch_batch_norm_input_grad(args.dtype, y1_grad.data_ptr(), g.y1.data_ptr(),
                                              grads.primary_bn.a.data_ptr(), grads.primary_bn.b.data_ptr(),
-                                             grads.primary_bn.c.data_ptr(), s.batch, s.init, size, stream),
+                                             grads.primary_bn.c.data_ptr(), s.batch, s.init, size, g.nhwc, stream),
           "batch_norm_input_grad");
-  grads.x = conv1x1(y1_grad, g.primary_weight.t());
+  grads.x = conv1x1(y1_grad, g.primary_weight.t(), g.nhwc);
   grads.primary_weight = conv1x1_weight_grad(y1_grad, g.x);
   return grads;
 }
@@ -114,10 +118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_concat_forward(
     bn_mean, bn_var, bn_eps, oup, training && !sync.active());
   std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync);
   const GhostState g = ghost_state(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, training);
-  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options());
+  at::Tensor out = empty_output({s.batch, s.oup, s.height, s.width}, x.options(), memory_format_of(x));
   check(cuda::launch_ghost_write(g.args({nullptr, 0, 0, 0, true}), out.data_ptr(), current_stream()),
         "ghost_write");
-  return {out.contiguous(memory_format_of(x)), packed({g.primary_bn.mean, g.cheap_bn.mean}, x),
+  return {out, packed({g.primary_bn.mean, g.cheap_bn.mean}, x),
           packed({g.primary_bn.var, g.cheap_bn.var}, x), nothing_saved(x)};
 }
 
@@ -132,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_con
   check_grad_out(kBackward, grad_out, x, s.oup);
   std::vector<DeviceBatchNorm> bns = device_batch_norms(bn_weight, bn_bias, bn_mean, bn_var, bn_eps, sync);
   const GhostState g = ghost_state(x, primary_weight, cheap_weight, bns[0], bns[1], s, relu, false);
-  const GhostGrads grads = ghost_backward(g, dense(grad_out), {nullptr, 0, 0, 0, true}, at::Tensor(), training);
+  const GhostGrads grads =
+      ghost_backward(g, dense(grad_out, g.nhwc), {nullptr, 0, 0, 0, true}, at::Tensor(), training);
   return {grads.x.view(x.sizes()), grads.primary_weight.view(primary_weight.sizes()),
           grads.cheap_weight.view(cheap_weight.sizes()),
           packed({grads.primary_bn.weight_grad, grads.cheap_bn.weight_grad}, x),

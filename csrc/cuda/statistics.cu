@@ -6,19 +6,21 @@ namespace ghostfused::cuda {
 namespace {
 
 template <typename T>
-struct Plain {  // value(c, n, l) = data[n, c, l]
+struct Plain {  // value(c, n, l) = data[n, c, l] ([n, l, c] when nhwc)
   const T* data;
   int64_t channels, size;
+  bool nhwc;
   __device__ double operator()(int64_t c, int64_t n, int64_t l) const {
-    return static_cast<double>(to_acc(data[(n * channels + c) * size + l]));
+    return static_cast<double>(to_acc(data[nhwc ? (n * size + l) * channels + c : (n * channels + c) * size + l]));
   }
 };
 
 template <typename T>
-cudaError_t channel_moments(const void* data, int64_t batch, int64_t channels, int64_t size, void* partials,
-                            cudaStream_t stream) {
+cudaError_t channel_moments(const void* data, int64_t batch, int64_t channels, int64_t size, bool nhwc,
+                            void* partials, cudaStream_t stream) {
   return launch(channel_moments_kernel<Plain<T>>, reduce_grid(batch * size, channels), stream,
-                Plain<T>{static_cast<const T*>(data), channels, size}, batch, size, static_cast<Moments*>(partials));
+                Plain<T>{static_cast<const T*>(data), channels, size, nhwc}, batch, size,
+                static_cast<Moments*>(partials));
 }
 
 struct FinishMoments {
@@ -92,27 +94,29 @@ struct InputGrad {
   const T* x;
   const acc_t<T>*a, *b, *c;
   int64_t channels, size;
+  bool nhwc;
   __device__ void operator()(int64_t i) const {
-    const int64_t ch = (i / size) % channels;
+    const int64_t ch = nhwc ? i % channels : (i / size) % channels;
     grad[i] = from_acc<T>(a[ch] * to_acc(grad[i]) + b[ch] * to_acc(x[i]) + c[ch]);
   }
 };
 
 template <typename T>
 cudaError_t input_grad(void* grad, const void* x, const void* coef_a, const void* coef_b, const void* coef_c,
-                       int64_t batch, int64_t channels, int64_t size, cudaStream_t stream) {
+                       int64_t batch, int64_t channels, int64_t size, bool nhwc, cudaStream_t stream) {
   using Acc = acc_t<T>;
   return for_each(batch * channels * size, stream,
                   InputGrad<T>{static_cast<T*>(grad), static_cast<const T*>(x), static_cast<const Acc*>(coef_a),
-                               static_cast<const Acc*>(coef_b), static_cast<const Acc*>(coef_c), channels, size});
+                               static_cast<const Acc*>(coef_b), static_cast<const Acc*>(coef_c), channels, size,
+                               nhwc});
 }
 
 }  // namespace
 
 cudaError_t launch_channel_moments(DType dtype, const void* data, int64_t batch, int64_t channels, int64_t size,
-                                   void* partials, cudaStream_t stream) {
+                                   bool nhwc, void* partials, cudaStream_t stream) {
   if (channels == 0) return launched();
-  GHOSTFUSED_DISPATCH(dtype, channel_moments, data, batch, channels, size, partials, stream);
+  GHOSTFUSED_DISPATCH(dtype, channel_moments, data, batch, channels, size, nhwc, partials, stream);
 }
 
 cudaError_t launch_finish_moments(const void* partials, int64_t chunks, int64_t channels, double* mean,
@@ -137,8 +141,8 @@ cudaError_t launch_batch_norm_backward(DType dtype, const double* weight, const 
 
 cudaError_t launch_batch_norm_input_grad(DType dtype, void* grad, const void* x, const void* coef_a,
                                          const void* coef_b, const void* coef_c, int64_t batch, int64_t channels,
-                                         int64_t size, cudaStream_t stream) {
-  GHOSTFUSED_DISPATCH(dtype, input_grad, grad, x, coef_a, coef_b, coef_c, batch, channels, size, stream);
+                                         int64_t size, bool nhwc, cudaStream_t stream) {
+  GHOSTFUSED_DISPATCH(dtype, input_grad, grad, x, coef_a, coef_b, coef_c, batch, channels, size, nhwc, stream);
 }
 
 }  // namespace ghostfused::cuda

@@ -68,6 +68,49 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
+// An element of an [N, C, H, W] tensor.
+struct Element {
+  int64_t n, c, i, j;
+};
+
+// A dense [N, C, H, W] tensor, NCHW or NHWC (channels_last): element offsets, and the items of the element-wise
+// kernels in memory order, each VEC consecutive elements of the innermost dimension (W, or C in NHWC).
+struct Layout {
+  int64_t batch, channels, height, width;
+  bool nhwc;
+
+  __host__ __device__ int64_t numel() const { return batch * channels * height * width; }
+  __host__ __device__ int64_t inner() const { return nhwc ? channels : width; }
+  __device__ __forceinline__ int64_t offset(int64_t n, int64_t c, int64_t i, int64_t j) const {
+    return nhwc ? ((n * height + i) * width + j) * channels + c : ((n * channels + c) * height + i) * width + j;
+  }
+  __device__ __forceinline__ int64_t offset(const Element& e) const { return offset(e.n, e.c, e.i, e.j); }
+  // The first element of item (items of vec elements; inner() a multiple of vec).
+  __device__ __forceinline__ Element first(int64_t item, int vec) const {
+    const int64_t e = item * vec;
+    if (nhwc) {
+      const int64_t pixel = e / channels;
+      return {pixel / (height * width), e % channels, (pixel / width) % height, pixel % width};
+    }
+    const int64_t row = e / width;
+    return {row / (height * channels), (row / height) % channels, row % height, e % width};
+  }
+  // Element k of the item that starts at first.
+  __device__ __forceinline__ Element next(Element first, int k) const {
+    (nhwc ? first.c : first.j) += k;
+    return first;
+  }
+};
+
+// Elements of T in one 16-byte access, and whether the element-wise kernels over layout can move that many per item
+// (its innermost dimension a multiple of it; tensors from the caching allocator are 16-byte aligned).
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+template <typename T>
+bool vectorised(const Layout& layout) {
+  return layout.inner() % kVec<T> == 0;
+}
+
 // Blocks of kBlock threads for a grid-stride loop over total items.
 inline unsigned int grid_for(int64_t total) {
   const int64_t blocks = (total + kBlock - 1) / kBlock;

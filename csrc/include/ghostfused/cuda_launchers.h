@@ -1,7 +1,9 @@
 // Raw-pointer launchers of the CUDA kernels (csrc/cuda/*.cu), called by the torch glue (csrc/cuda/*_glue.cpp).
 // No torch types here: the .cu files compile with nvcc alone, in about a second each.
 //
-// Conventions: tensors are dense NCHW. `dtype` is the element type of the op's inputs and outputs; per-channel
+// Conventions: full-resolution tensors ([N, C, H, W]: x, features, outputs and their gradients, y1, dy2, product)
+// are dense, NCHW or NHWC (channels_last) as the shape's `nhwc` says, all of one call in the same layout; the
+// quarter-resolution DFC intermediates after the pooling are NCHW. `dtype` is the element type of the op's inputs and outputs; per-channel
 // coefficients (BatchNorm scale / shift, backward coefficients) and the quarter-resolution DFC intermediates are in
 // the accumulation type Acc (float, double for float64 inputs); statistics and their partial sums are double.
 // Reductions are deterministic: a per-channel reduction splits each channel's values into fixed chunks of
@@ -25,9 +27,10 @@ inline int64_t reduce_chunks(int64_t count) { return count > 0 ? (count + kReduc
 
 // ---- BatchNorm statistics and coefficients (statistics.cu) -----------------------------------------------------
 
-// partials[chunk][c] = Moments of the values of channel c of data [N, C, L] (dtype) in that chunk.
+// partials[chunk][c] = Moments of the values of channel c of data [N, C, L] ([N, L, C] when nhwc) (dtype) in that
+// chunk.
 cudaError_t launch_channel_moments(DType dtype, const void* data, int64_t batch, int64_t channels, int64_t size,
-                                   void* partials, cudaStream_t stream);
+                                   bool nhwc, void* partials, cudaStream_t stream);
 // mean[c], var[c] (biased) from partials[chunks][c] (Moments), combined in chunk order.
 cudaError_t launch_finish_moments(const void* partials, int64_t chunks, int64_t channels, double* mean,
                                   double* var, cudaStream_t stream);
@@ -41,10 +44,10 @@ cudaError_t launch_batch_norm_backward(DType dtype, const double* weight, const 
                                        double eps, const void* partials, int64_t chunks, int64_t channels,
                                        double count, bool training, void* coef_a, void* coef_b, void* coef_c,
                                        double* weight_grad, double* bias_grad, cudaStream_t stream);
-// grad = a * grad + b * x + c per channel, for grad and x [N, C, L] (dtype).
+// grad = a * grad + b * x + c per channel, for grad and x [N, C, L] ([N, L, C] when nhwc) (dtype).
 cudaError_t launch_batch_norm_input_grad(DType dtype, void* grad, const void* x, const void* coef_a,
                                          const void* coef_b, const void* coef_c, int64_t batch, int64_t channels,
-                                         int64_t size, cudaStream_t stream);
+                                         int64_t size, bool nhwc, cudaStream_t stream);
 
 // ---- The Ghost module's primary and cheap branches (ghost_concat.cu) ------------------------------------------
 
@@ -52,6 +55,7 @@ struct GhostShape {
   int64_t batch, height, width;
   int64_t init, cheap, multiplier, oup, dw;  // cheap channel j reads primary channel j / multiplier
   bool relu;
+  bool nhwc;  // the layout of x, y1, dy2, grad_out, product and the output
 };
 
 // The quarter-resolution DFC gate [N, channels, h, w] (Acc), upsampled to the Ghost output's [H, W].
@@ -104,9 +108,10 @@ struct DfcShape {
   int64_t batch, in_channels, height, width;  // x
   int64_t channels, h, w, k;                  // the gate: C channels at [h, w] = [H / 2, W / 2], kernel K
   bool nearest;
+  bool nhwc;  // the layout of x, features, the output, their gradients, product, and pooled ([N, h, w, Cin])
 };
 
-// pooled [N, Cin, h, w] (dtype) = 2x2 average pool of x [N, Cin, H, W].
+// pooled [N, Cin, h, w] (dtype; NHWC with x) = 2x2 average pool of x [N, Cin, H, W].
 cudaError_t launch_average_pool(DType dtype, const DfcShape& shape, const void* x, void* pooled,
                                 cudaStream_t stream);
 // z_out (Acc) = the depthwise (1, K) (horizontal) or (K, 1) (vertical) convolution of scale * z_in + shift, for
@@ -143,7 +148,8 @@ cudaError_t launch_dfc_input_grad(DType dtype, const DfcShape& shape, const void
 cudaError_t launch_dfc_conv_backward(DType dtype, const DfcShape& shape, bool horizontal, const void* dz,
                                      const void* z_in, bool in_is_dtype, const void* scale, const void* shift,
                                      const void* taps, double* tap_partials, void* du_in, cudaStream_t stream);
-// dx [N, Cin, H, W] (dtype) (+)= the transposed 2x2 average pooling of pooled_grad [N, Cin, h, w] (dtype).
+// dx [N, Cin, H, W] (dtype) (+)= the transposed 2x2 average pooling of pooled_grad [N, Cin, h, w] (dtype; NHWC
+// with x).
 cudaError_t launch_pool_backward(DType dtype, const DfcShape& shape, const void* pooled_grad, void* dx,
                                  bool accumulate, cudaStream_t stream);
 

@@ -129,7 +129,7 @@ def full_size_copies(op, args, grad_layout, forward, backward):
         out, mean, var, saved = forward(*args)
     sizes = [t.shape[0] for t in args[b]]
     args = args[:b + 2] + [list(mean.split(sizes)), list(var.split(sizes))] + args[b + 4:]
-    grad = torch.randn(out.shape, dtype=out.dtype).contiguous(memory_format=grad_layout)
+    grad = torch.randn(out.shape, dtype=out.dtype, device=out.device).contiguous(memory_format=grad_layout)
     with torch.profiler.profile(record_shapes=True) as backward_profile:
         grads = backward(grad, saved, *args)
     copies = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::contiguous")

@@ -13,7 +13,8 @@ from ghostfused.convert import is_ghost_module
 from ghostfused.models import ghostnetv2
 
 from ecosystem_helpers import OUT_CHANNELS, cuda_backends, fused_modules, requires_cuda, two_ghost_modules
-from helpers import TOLERANCES, assert_close, assert_modules_match, cpu_backends, randomize_batch_norms, run_step
+from helpers import (TOLERANCES, assert_close, assert_modules_match, cpu_backends, full_size_copies, op_arguments,
+                     randomize_batch_norms, run_step)
 
 CHANNELS_LAST = torch.channels_last
 
@@ -136,3 +137,18 @@ def test_channels_last_whole_model_on_gpu(backend):
     x = torch.randn(4, 3, 96, 80, device="cuda").to(memory_format=CHANNELS_LAST)
     with torch.no_grad():
         _assert_whole_model_layouts_match(model, fused, x, tolerance=1e-2)  # TF32 on either side
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.skipif("cuda" not in cuda_backends(), reason="the extension is built without CUDA")
+@pytest.mark.parametrize("op", ["ghost_concat", "dfc_attention", "ghost_attn"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_kernels_make_no_layout_copy(op, training):
+    """The cuda glue copies no full-resolution tensor of a channels_last call (tests/test_cuda_emulation.py checks the
+    same glue on the CPU)."""
+    args = op_arguments(op, 2, 5, 7, 9, 6, training, dtype=torch.float32, channels_last=True, device="cuda")
+    raw = (getattr(torch.ops.ghostfused_C, f"{op}_{direction}") for direction in ("forward", "backward"))
+    copies, results = full_size_copies(op, args, CHANNELS_LAST, *raw)
+    assert copies == []
+    assert all(t.is_contiguous(memory_format=CHANNELS_LAST) for t in results)

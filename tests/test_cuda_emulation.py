@@ -33,6 +33,22 @@ def emulated_cuda_backend():
     cuda_emulation.load()
 
 
+def test_emulation_runs_blocks_as_cuda_does():
+    """The emulation's own semantics: warp shuffles (lanes past the warp keep their value), a barrier that orders
+    shared-memory writes before reads, the fixed-order block reduction, and a barrier some threads never reach
+    failing the launch instead of hanging."""
+    threads = 256
+    lane = torch.arange(threads, dtype=torch.float64)
+    out, error = torch.ops.ghostfused_emulation.self_test("shuffle")
+    assert error.item() == 0 and torch.equal(out, torch.where(lane % 32 + 5 < 32, lane + 5, lane))
+    out, error = torch.ops.ghostfused_emulation.self_test("barrier")
+    assert error.item() == 0 and torch.equal(out, threads - 1 - lane)
+    out, error = torch.ops.ghostfused_emulation.self_test("block_sum")
+    assert error.item() == 0 and out[0].item() == threads * (threads + 1) / 2
+    out, error = torch.ops.ghostfused_emulation.self_test("missed_barrier")
+    assert error.item() != 0
+
+
 def raw(op, direction):
     return lambda *args: cuda_emulation.call(f"{op}_{direction}", *args)
 

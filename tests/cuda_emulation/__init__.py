@@ -38,7 +38,7 @@ def _sources() -> list[str]:
         kernels.append(wrapper)
     glue = sorted((ROOT / "csrc" / "cuda").glob("*glue.cpp"))
     return [str(p) for p in [*kernels, *glue, ROOT / "csrc" / "glue.cpp", ROOT / "csrc" / "cpu" / "block_cache.cpp",
-                             HERE / "emulation.cpp"]]
+                             HERE / "emulation.cpp", HERE / "self_test.cpp"]]
 
 
 def load():

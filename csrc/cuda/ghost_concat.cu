@@ -36,7 +36,7 @@ struct Ghost {
   }
 
   // A full-resolution tensor of `channels` channels in the call's layout.
-  __device__ Layout layout(int64_t channels) const { return {s.batch, channels, s.height, s.width, s.nhwc}; }
+  __host__ __device__ Layout layout(int64_t channels) const { return {s.batch, channels, s.height, s.width, s.nhwc}; }
 
   __device__ int64_t plane_index(int64_t n, int64_t channels, int64_t c, int64_t i, int64_t j) const {
     return layout(channels).offset(n, c, i, j);
@@ -91,8 +91,7 @@ struct Write {
 template <typename T>
 cudaError_t write(const GhostArgs& args, void* out, cudaStream_t stream) {
   const Ghost<T> g = Ghost<T>::of(args);
-  const GhostShape& s = args.shape;
-  const Layout layout{s.batch, s.oup, s.height, s.width, s.nhwc};
+  const Layout layout = g.layout(args.shape.oup);
   if (vectorised<T>(layout))
     return for_each(layout.numel() / kVec<T>, stream, Write<T, kVec<T>>{g, static_cast<T*>(out)});
   return for_each(layout.numel(), stream, Write<T, 1>{g, static_cast<T*>(out)});

@@ -61,8 +61,7 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   }                                              \
   return cudaErrorInvalidValue
 
-// VEC elements of one row, moved with one 16-byte access where the layout allows (VEC = 16 / sizeof(T), rows a
-// multiple of VEC long, tensors from the caching allocator 16-byte aligned).
+// VEC consecutive elements, moved with one access (VEC = kVec<T>: 16 bytes, where `vectorised` allows).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];

@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import assume, given, strategies as st
 
 from ghostfused import backends
 
 import cuda_emulation
 from helpers import (NOTHING_SAVED, OP_CASES, assert_close, bn_index, case_arguments, compare_op_with_reference,
                      free_port, full_size_copies, op_arguments)
+from reliability_helpers import LAYOUTS, with_layout
 
 pytestmark = [
     pytest.mark.skipif(backends.extension() is None, reason="the C++ extension is not built"),
@@ -86,6 +88,25 @@ def test_op_matches_reference_in_lower_precision(op, dtype, channels_last, train
         args = op_arguments(op, 2, 6, 9, 6, W, training, dtype=dtype, channels_last=channels_last, device="cpu",
                             upsample="bilinear", **options)
         compare(op, args, dtype)
+
+
+@given(op=st.sampled_from(OPS), n=st.integers(1, 3), cin=st.integers(1, 12), oup=st.integers(1, 12),
+       height=st.integers(2, 17), width=st.integers(2, 17), training=st.booleans(),
+       k=st.sampled_from([1, 3, 5, 7]), dw=st.sampled_from([1, 3, 5]), ratio=st.sampled_from([2, 3]),
+       relu=st.booleans(), upsample=st.sampled_from(["nearest", "bilinear"]), x_layout=st.sampled_from(LAYOUTS),
+       features_layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+def test_random_configurations(op, n, cin, oup, height, width, training, k, dw, ratio, relu, upsample, x_layout,
+                               features_layout, seed):
+    """Property test (the hypothesis profile's examples): any op, sizes, kernel sizes, ratio, ReLU, upsampling and
+    input layouts (dense, channels_last, a non-dense view) against eager in float64."""
+    assume(not (training and op != "ghost_concat" and n * (height // 2) * (width // 2) == 1))  # eager refuses
+    torch.manual_seed(seed)
+    args = op_arguments(op, n, cin, oup, height, width, training, k=k, dw=dw, ratio=ratio, relu=relu,
+                        upsample=upsample, device="cpu")
+    args[0] = with_layout(args[0], x_layout)
+    if op == "dfc_attention":
+        args[1] = with_layout(args[1], features_layout)
+    compare(op, args, torch.float64)
 
 
 @pytest.mark.parametrize("op", OPS)

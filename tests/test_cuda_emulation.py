@@ -110,9 +110,17 @@ def test_random_configurations(op, n, cin, oup, height, width, training, k, dw, 
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_reductions_over_several_chunks(op):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_reductions_over_several_chunks(op, channels_last):
     """More values per channel than one reduction chunk (1024) at full and at quarter resolution."""
-    compare(op, op_arguments(op, 3, 4, 5, 38, 41, True, device="cpu"), torch.float64)
+    compare(op, op_arguments(op, 3, 4, 5, 38, 41, True, channels_last=channels_last, device="cpu"), torch.float64)
+
+
+@pytest.mark.parametrize("op", ["ghost_attn", "ghost_concat"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_more_channels_than_a_block(op, channels_last):
+    """265 primary and cheap channels: in NHWC the reductions' threads are channels, two groups of 256."""
+    compare(op, op_arguments(op, 2, 3, 530, 3, 5, True, channels_last=channels_last, device="cpu"), torch.float64)
 
 
 @pytest.mark.parametrize("op", OPS)

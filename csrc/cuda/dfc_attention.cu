@@ -239,9 +239,8 @@ cudaError_t dfc_grad_sums(const DfcShape& s, const void* du, const void* z, bool
                           void* partials, cudaStream_t stream) {
   using Acc = acc_t<T>;
   const int64_t size = s.h * s.w;
-  return launch(channel_grad_sums_kernel<DfcGradTerms<T>>, reduce_grid(s.batch * size, s.channels), stream,
-                DfcGradTerms<T>{s, static_cast<const Acc*>(du), Quarter<T>{z, z_is_dtype}, mean}, s.batch, size,
-                static_cast<GradSums*>(partials));
+  return reduce_grad_sums(DfcGradTerms<T>{s, static_cast<const Acc*>(du), Quarter<T>{z, z_is_dtype}, mean}, s.batch,
+                          size, s.channels, false, static_cast<GradSums*>(partials), stream);
 }
 
 template <typename T>
@@ -309,10 +308,8 @@ cudaError_t conv_backward(const DfcShape& s, bool horizontal, const void* dz, co
   using Acc = acc_t<T>;
   const ConvInput<T> in{s, z_in, in_is_dtype, static_cast<const Acc*>(scale), static_cast<const Acc*>(shift)};
   const int64_t size = s.h * s.w;
-  const cudaError_t error =
-      launch(channel_tap_sums_kernel<ConvTapTerm<T>>, reduce_grid(s.batch * size, s.channels), stream,
-             ConvTapTerm<T>{in, horizontal, static_cast<const Acc*>(dz)}, s.batch, size, static_cast<int>(s.k),
-             tap_partials);
+  const cudaError_t error = reduce_tap_sums(ConvTapTerm<T>{in, horizontal, static_cast<const Acc*>(dz)}, s.batch, size,
+                                            s.channels, static_cast<int>(s.k), false, tap_partials, stream);
   if (error != cudaSuccess) return error;
   return for_each(s.batch * s.channels * size, stream,
                   ConvTransposed<T>{s, horizontal, static_cast<const T*>(taps), static_cast<const Acc*>(dz),

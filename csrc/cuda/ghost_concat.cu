@@ -109,8 +109,8 @@ template <typename T>
 cudaError_t cheap_moments(const GhostArgs& args, void* partials, cudaStream_t stream) {
   const GhostShape& s = args.shape;
   const int64_t size = s.height * s.width;
-  return launch(channel_moments_kernel<CheapValue<T>>, reduce_grid(s.batch * size, s.cheap), stream,
-                CheapValue<T>{Ghost<T>::of(args)}, s.batch, size, static_cast<Moments*>(partials));
+  return reduce_moments(CheapValue<T>{Ghost<T>::of(args)}, s.batch, size, s.cheap, s.nhwc,
+                        static_cast<Moments*>(partials), stream);
 }
 
 // The cheap branch's backward at one element: the BatchNorm-output gradient dv with its sums; with `write`, also
@@ -158,8 +158,7 @@ cudaError_t cheap_grad(const GhostArgs& args, const void* grad_out, const void* 
                            static_cast<const Acc*>(coef_c),
                            static_cast<Acc*>(dy2),
                            static_cast<Acc*>(product)};
-  return launch(channel_grad_sums_kernel<CheapGrad<T>>, reduce_grid(s.batch * size, s.cheap), stream, terms, s.batch,
-                size, static_cast<GradSums*>(partials));
+  return reduce_grad_sums(terms, s.batch, size, s.cheap, s.nhwc, static_cast<GradSums*>(partials), stream);
 }
 
 template <typename T>
@@ -181,9 +180,8 @@ template <typename T>
 cudaError_t cheap_weight_grad(const GhostArgs& args, const void* dy2, double* partials, cudaStream_t stream) {
   const GhostShape& s = args.shape;
   const int64_t size = s.height * s.width;
-  return launch(channel_tap_sums_kernel<CheapTapTerm<T>>, reduce_grid(s.batch * size, s.cheap), stream,
-                CheapTapTerm<T>{Ghost<T>::of(args), static_cast<const acc_t<T>*>(dy2)}, s.batch, size,
-                static_cast<int>(s.dw * s.dw), partials);
+  return reduce_tap_sums(CheapTapTerm<T>{Ghost<T>::of(args), static_cast<const acc_t<T>*>(dy2)}, s.batch, size,
+                         s.cheap, static_cast<int>(s.dw * s.dw), s.nhwc, partials, stream);
 }
 
 // The primary channel's backward at one element, with the sums of its BatchNorm backward.
@@ -230,8 +228,7 @@ cudaError_t primary_grad(const GhostArgs& args, const void* grad_out, const void
                              static_cast<const Acc*>(dy2), static_cast<const Acc*>(out_scale),
                              mean,                         static_cast<T*>(y1_grad),
                              static_cast<Acc*>(product)};
-  return launch(channel_grad_sums_kernel<PrimaryGrad<T>>, reduce_grid(s.batch * size, s.init), stream, terms, s.batch,
-                size, static_cast<GradSums*>(partials));
+  return reduce_grad_sums(terms, s.batch, size, s.init, s.nhwc, static_cast<GradSums*>(partials), stream);
 }
 
 }  // namespace

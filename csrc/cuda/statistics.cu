@@ -18,9 +18,8 @@ struct Plain {  // value(c, n, l) = data[n, c, l] ([n, l, c] when nhwc)
 template <typename T>
 cudaError_t channel_moments(const void* data, int64_t batch, int64_t channels, int64_t size, bool nhwc,
                             void* partials, cudaStream_t stream) {
-  return launch(channel_moments_kernel<Plain<T>>, reduce_grid(batch * size, channels), stream,
-                Plain<T>{static_cast<const T*>(data), channels, size, nhwc}, batch, size,
-                static_cast<Moments*>(partials));
+  return reduce_moments(Plain<T>{static_cast<const T*>(data), channels, size, nhwc}, batch, size, channels, nhwc,
+                        static_cast<Moments*>(partials), stream);
 }
 
 struct FinishMoments {

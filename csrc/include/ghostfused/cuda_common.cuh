@@ -141,65 +141,84 @@ __device__ void block_sum(double (&v)[R]) {
   __syncthreads();
 }
 
-// The values of channel c of a [N, C, L] layout in chunk blockIdx.x: element e = n * L + l.
-struct ChunkRange {
-  int64_t begin, end;
+// The per-channel reductions split the count = N * L values of each channel (element e = n * L + l) into chunks of
+// kReduceChunk, chunk blockIdx.x, and walk a chunk in one of two ways. NCHW: the block is channel blockIdx.y and its
+// threads stride over the chunk, their sums combined by block_sum (in thread 0). NHWC, where a channel's values are
+// C apart: each thread is a channel (blockIdx.y * kBlock + threadIdx.x, so a warp reads 32 adjacent channels) and
+// walks the chunk in order by itself. Either way the partial of (chunk, channel) is one fixed-order sum.
+template <bool NHWC>
+struct ChunkWalk {
+  int64_t channel, first, end, step, count;  // values first, first + step, ... < end of the chunk's count
+
+  __device__ ChunkWalk(int64_t channels, int64_t total) {
+    const int64_t begin = static_cast<int64_t>(blockIdx.x) * kReduceChunk;
+    end = begin + kReduceChunk < total ? begin + kReduceChunk : total;
+    count = end > begin ? end - begin : 0;
+    channel = NHWC ? blockIdx.y * kBlock + threadIdx.x : blockIdx.y;
+    first = NHWC ? begin : begin + threadIdx.x;
+    step = NHWC ? 1 : kBlock;
+    if (NHWC && channel >= channels) first = end;  // past the last channel: no values, no partial
+  }
+  // The chunk's sums of v: block_sum over the block (NCHW), the thread's own (NHWC).
+  template <int R>
+  __device__ void sum(double (&v)[R]) const {
+    if constexpr (!NHWC) block_sum(v);
+  }
+  // Whether this thread writes the chunk's partial.
+  __device__ bool writes(int64_t channels) const { return NHWC ? channel < channels : threadIdx.x == 0; }
 };
 
-__device__ __forceinline__ ChunkRange chunk_range(int64_t count) {
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kReduceChunk;
-  return {begin, begin + kReduceChunk < count ? begin + kReduceChunk : count};
-}
-
-// partials[chunk][c] = Moments of value(c, n, l) over the chunk (grid: chunks x channels): two passes, the block
-// mean first.
-template <typename Value>
-__global__ void channel_moments_kernel(Value value, int64_t batch, int64_t size, Moments* partials) {
-  const int64_t c = blockIdx.y, channels = gridDim.y, count = batch * size;
-  const ChunkRange range = chunk_range(count);
-  __shared__ double block_mean;
+// partials[chunk][c] = Moments of value(c, n, l) over the chunk: two passes, the chunk's mean first.
+template <bool NHWC, typename Value>
+__global__ void channel_moments_kernel(Value value, int64_t batch, int64_t size, int64_t channels,
+                                       Moments* partials) {
+  const ChunkWalk<NHWC> walk(channels, batch * size);
   double sum[1] = {0.0};
-  for (int64_t e = range.begin + threadIdx.x; e < range.end; e += kBlock) sum[0] += value(c, e / size, e % size);
-  block_sum(sum);
-  const double n = static_cast<double>(range.end > range.begin ? range.end - range.begin : 0);
-  if (threadIdx.x == 0) block_mean = n > 0 ? sum[0] / n : 0.0;
-  __syncthreads();
-  const double mean = block_mean;
+  for (int64_t e = walk.first; e < walk.end; e += walk.step) sum[0] += value(walk.channel, e / size, e % size);
+  walk.sum(sum);
+  double mean = walk.count > 0 ? sum[0] / static_cast<double>(walk.count) : 0.0;
+  if constexpr (!NHWC) {  // thread 0's, to every thread
+    __shared__ double block_mean;
+    if (threadIdx.x == 0) block_mean = mean;
+    __syncthreads();
+    mean = block_mean;
+  }
   double m2[1] = {0.0};
-  for (int64_t e = range.begin + threadIdx.x; e < range.end; e += kBlock) {
-    const double d = value(c, e / size, e % size) - mean;
+  for (int64_t e = walk.first; e < walk.end; e += walk.step) {
+    const double d = value(walk.channel, e / size, e % size) - mean;
     m2[0] += d * d;
   }
-  block_sum(m2);
-  if (threadIdx.x == 0) partials[blockIdx.x * channels + c] = {n, mean, m2[0]};
+  walk.sum(m2);
+  if (walk.writes(channels))
+    partials[blockIdx.x * channels + walk.channel] = {static_cast<double>(walk.count), mean, m2[0]};
 }
 
-// partials[chunk][c] = GradSums of terms(c, n, l, dy, dy_centered) over the chunk (grid: chunks x channels).
-template <typename Terms>
-__global__ void channel_grad_sums_kernel(Terms terms, int64_t batch, int64_t size, GradSums* partials) {
-  const int64_t c = blockIdx.y, channels = gridDim.y;
-  const ChunkRange range = chunk_range(batch * size);
+// partials[chunk][c] = GradSums of terms(c, n, l, dy, dy_centered) over the chunk.
+template <bool NHWC, typename Terms>
+__global__ void channel_grad_sums_kernel(Terms terms, int64_t batch, int64_t size, int64_t channels,
+                                         GradSums* partials) {
+  const ChunkWalk<NHWC> walk(channels, batch * size);
   double sums[2] = {0.0, 0.0};
-  for (int64_t e = range.begin + threadIdx.x; e < range.end; e += kBlock) {
+  for (int64_t e = walk.first; e < walk.end; e += walk.step) {
     double dy = 0.0, dy_centered = 0.0;
-    terms(c, e / size, e % size, dy, dy_centered);
+    terms(walk.channel, e / size, e % size, dy, dy_centered);
     sums[0] += dy;
     sums[1] += dy_centered;
   }
-  block_sum(sums);
-  if (threadIdx.x == 0) partials[blockIdx.x * channels + c] = {sums[0], sums[1]};
+  walk.sum(sums);
+  if (walk.writes(channels)) partials[blockIdx.x * channels + walk.channel] = {sums[0], sums[1]};
 }
 
-// partials[chunk][c][t] = sum over the chunk of term(c, n, l, t), t < taps (grid: chunks x channels).
-template <typename Term>
-__global__ void channel_tap_sums_kernel(Term term, int64_t batch, int64_t size, int taps, double* partials) {
-  const int64_t c = blockIdx.y, channels = gridDim.y;
-  const ChunkRange range = chunk_range(batch * size);
+// partials[chunk][c][t] = sum over the chunk of term(c, n, l, t), t < taps.
+template <bool NHWC, typename Term>
+__global__ void channel_tap_sums_kernel(Term term, int64_t batch, int64_t size, int64_t channels, int taps,
+                                        double* partials) {
+  const ChunkWalk<NHWC> walk(channels, batch * size);
   for (int t = 0; t < taps; ++t) {
     double sum[1] = {0.0};
-    for (int64_t e = range.begin + threadIdx.x; e < range.end; e += kBlock) sum[0] += term(c, e / size, e % size, t);
-    block_sum(sum);
-    if (threadIdx.x == 0) partials[(blockIdx.x * channels + c) * taps + t] = sum[0];
+    for (int64_t e = walk.first; e < walk.end; e += walk.step) sum[0] += term(walk.channel, e / size, e % size, t);
+    walk.sum(sum);
+    if (walk.writes(channels)) partials[(blockIdx.x * channels + walk.channel) * taps + t] = sum[0];
   }
 }
 
@@ -229,9 +248,37 @@ cudaError_t for_each(int64_t total, cudaStream_t stream, Body body) {
   return launch(for_each_kernel<Body>, dim3(grid_for(total)), stream, total, body);
 }
 
-// A grid of (chunks, channels) blocks for the per-channel reductions over count values per channel.
-inline dim3 reduce_grid(int64_t count, int64_t channels) {
-  return dim3(static_cast<unsigned int>(reduce_chunks(count)), static_cast<unsigned int>(channels));
+// The per-channel reductions' grid: (chunks, channels) blocks, or (chunks, channel groups of kBlock) in NHWC.
+inline dim3 reduce_grid(int64_t count, int64_t channels, bool nhwc) {
+  const int64_t groups = nhwc ? (channels + kBlock - 1) / kBlock : channels;
+  return dim3(static_cast<unsigned int>(reduce_chunks(count)), static_cast<unsigned int>(groups));
+}
+
+// The per-channel reductions over batch * size values of each of `channels` channels, walked as the layout reads
+// fastest (ChunkWalk).
+template <typename Value>
+cudaError_t reduce_moments(Value value, int64_t batch, int64_t size, int64_t channels, bool nhwc, Moments* partials,
+                           cudaStream_t stream) {
+  const dim3 grid = reduce_grid(batch * size, channels, nhwc);
+  if (nhwc) return launch(channel_moments_kernel<true, Value>, grid, stream, value, batch, size, channels, partials);
+  return launch(channel_moments_kernel<false, Value>, grid, stream, value, batch, size, channels, partials);
+}
+
+template <typename Terms>
+cudaError_t reduce_grad_sums(Terms terms, int64_t batch, int64_t size, int64_t channels, bool nhwc,
+                             GradSums* partials, cudaStream_t stream) {
+  const dim3 grid = reduce_grid(batch * size, channels, nhwc);
+  if (nhwc) return launch(channel_grad_sums_kernel<true, Terms>, grid, stream, terms, batch, size, channels, partials);
+  return launch(channel_grad_sums_kernel<false, Terms>, grid, stream, terms, batch, size, channels, partials);
+}
+
+template <typename Term>
+cudaError_t reduce_tap_sums(Term term, int64_t batch, int64_t size, int64_t channels, int taps, bool nhwc,
+                            double* partials, cudaStream_t stream) {
+  const dim3 grid = reduce_grid(batch * size, channels, nhwc);
+  if (nhwc)
+    return launch(channel_tap_sums_kernel<true, Term>, grid, stream, term, batch, size, channels, taps, partials);
+  return launch(channel_tap_sums_kernel<false, Term>, grid, stream, term, batch, size, channels, taps, partials);
 }
 
 // The upsampled gate at full-resolution (i, j) of one [h, w] gate plane (Acc), ghostfused/index_maps.h.

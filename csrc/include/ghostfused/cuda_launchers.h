@@ -3,13 +3,13 @@
 //
 // Conventions: full-resolution tensors ([N, C, H, W]: x, features, outputs and their gradients, y1, dy2, product)
 // are dense, NCHW or NHWC (channels_last) as the shape's `nhwc` says, all of one call in the same layout; the
-// quarter-resolution DFC intermediates after the pooling are NCHW. `dtype` is the element type of the op's inputs and outputs; per-channel
-// coefficients (BatchNorm scale / shift, backward coefficients) and the quarter-resolution DFC intermediates are in
-// the accumulation type Acc (float, double for float64 inputs); statistics and their partial sums are double.
-// Reductions are deterministic: a per-channel reduction splits each channel's values into fixed chunks of
-// kReduceChunk (independent of the device), one block per (chunk, channel), a fixed-order tree inside the block,
-// then an ordered combination of the chunks. Every launcher checks cudaGetLastError after each launch and returns
-// the first error.
+// quarter-resolution DFC intermediates after the pooling are NCHW. `dtype` is the element type of the op's inputs and
+// outputs; per-channel coefficients (BatchNorm scale / shift, backward coefficients) and the quarter-resolution DFC
+// intermediates are in the accumulation type Acc (float, double for float64 inputs); statistics and their partial
+// sums are double. Reductions are deterministic: a per-channel reduction splits each channel's values into fixed
+// chunks of kReduceChunk (independent of the device), sums each chunk in a fixed order (NCHW: one block per (chunk,
+// channel) and a fixed-order tree in it; NHWC: one thread per (chunk, channel), in order), then combines the chunks
+// in order. Every launcher checks cudaGetLastError after each launch and returns the first error.
 #pragma once
 
 #include <cuda_runtime_api.h>

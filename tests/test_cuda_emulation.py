@@ -5,6 +5,7 @@ copies) and its SyncBatchNorm reductions (two gloo processes) are checked withou
 before the kernels write them. On a GPU machine (a CUDA build of the extension) these are skipped: tests/test_ops.py
 and the other suites run the real kernels there."""
 
+import contextlib
 import datetime
 
 import pytest
@@ -49,6 +50,40 @@ def test_emulation_runs_blocks_as_cuda_does():
     assert error.item() == 0 and out[0].item() == threads * (threads + 1) / 2
     out, error = torch.ops.ghostfused_emulation.self_test("missed_barrier")
     assert error.item() != 0
+    # A read of another thread's write without a barrier: what it sees depends on the order the threads run in.
+    first_to_last = torch.ops.ghostfused_emulation.self_test("race")[0] % threads
+    with reversed_thread_order():
+        last_to_first = torch.ops.ghostfused_emulation.self_test("race")[0] % threads
+    assert torch.equal(last_to_first, (lane + 1) % threads) and not torch.equal(first_to_last, last_to_first)
+
+
+@contextlib.contextmanager
+def reversed_thread_order():
+    torch.ops.ghostfused_emulation.set_reverse_order(True)
+    try:
+        yield
+    finally:
+        torch.ops.ghostfused_emulation.set_reverse_order(False)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_kernels_are_race_free_in_either_thread_order(op, channels_last, training):
+    """Every result bitwise equal whether a block's threads run first to last or last to first between barriers:
+    no thread reads another's write without a barrier between them, and the reductions' order is fixed."""
+    args = op_arguments(op, 3, 4, 5, 38, 41, training, channels_last=channels_last, device="cpu")
+    grad = torch.randn(3, 5, 38, 41, dtype=torch.float64)
+
+    def run():
+        out, mean, var, saved = raw(op, "forward")(*args)
+        return (out, mean, var, *raw(op, "backward")(grad, saved, *args))
+
+    expected = run()
+    with reversed_thread_order():
+        actual = run()
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert torch.equal(a, e), f"result {i} depends on the order of the threads"
 
 
 def raw(op, direction):

@@ -1,8 +1,8 @@
 // The CUDA emulation's launches (include/cuda_runtime.h): the blocks of a grid spread over the CPU's threads
 // (at::parallel_for), the threads of a block as ucontext fibers on one CPU thread. A fiber runs until it waits at a
 // barrier (__syncthreads: the block's threads; a warp shuffle: its warp's 32) or finishes; the scheduler resumes the
-// fibers in turn until all have finished, and fails the launch when a full round makes no progress (a barrier some
-// threads never reach).
+// fibers in turn (first to last, or last to first) until all have finished, and fails the launch when a full round
+// makes no progress (a barrier some threads never reach).
 #include <ucontext.h>
 
 #include <ATen/Parallel.h>
@@ -49,6 +49,7 @@ struct Block {
 
 thread_local Block block;
 std::atomic<int> pending{cudaSuccess};
+std::atomic<bool> reverse_order{false};
 
 void set_error(cudaError_t error) {
   int expected = cudaSuccess;
@@ -94,10 +95,12 @@ void run_block(const dim3& index) {
     f.context.uc_link = &block.scheduler;
     makecontext(&f.context, fiber_entry, 0);
   }
+  const bool reverse = reverse_order.load();
   for (unsigned int live = threads; live > 0;) {
     block.progress = false;
     live = 0;
-    for (Fiber& f : block.fibers) {
+    for (unsigned int k = 0; k < threads; ++k) {
+      Fiber& f = block.fibers[reverse ? threads - 1 - k : k];
       if (f.done) continue;
       block.current = &f;
       swapcontext(&block.scheduler, &f.context);
@@ -143,6 +146,8 @@ void run(dim3 grid, dim3 shape, const std::function<void()>& thread_body) {
       run_block(dim3(b % grid.x, (b / grid.x) % grid.y, b / (static_cast<int64_t>(grid.x) * grid.y)));
   });
 }
+
+void set_reverse_order(bool reverse) { reverse_order.store(reverse); }
 
 void fail(const char* why) {
   std::fprintf(stderr, "cuda emulation: %s\n", why);

@@ -3,7 +3,8 @@
 // each block's threads as fibers that switch at __syncthreads and warp shuffles (emulation.cpp). It covers what the
 // kernels use: the launch (ghostfused::cuda::launch), thread / block indices, __shared__, __syncthreads,
 // __shfl_down_sync, errors and streams. Blocks run concurrently on the CPU's threads; the threads of a block run
-// one at a time, so a data race between them shows no symptom here.
+// one at a time, so a data race between them shows only as a difference between the two thread orders
+// (set_reverse_order).
 #pragma once
 
 #include <cstddef>
@@ -40,6 +41,9 @@ void sync_threads();
 void warp_exchange(const void* value, std::size_t bytes, unsigned int source, void* out);
 // Runs thread_body for every thread of every block of the grid; a deadlock makes the launch fail.
 void run(dim3 grid, dim3 block, const std::function<void()>& thread_body);
+// Run each block's threads last to first instead of first to last between barriers: a kernel whose threads read
+// what another thread writes without a barrier in between gives different results in the two orders.
+void set_reverse_order(bool reverse);
 // Fails the current launch (a call the emulation does not support).
 void fail(const char* why);
 // The first error since the last call (clear) or still pending.

@@ -168,6 +168,21 @@ def test_empty_batch(op, training):
     torch.testing.assert_close((mean, var), (ref_mean, ref_var), equal_nan=True)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_features_not_aligned_to_a_vector(channels_last):
+    """A dense features view that starts one element into its storage: the 16-byte vector path would read it
+    misaligned, so the scalar one runs (float32, 8 channels and width 8: vectorisable by shape)."""
+    args = op_arguments("dfc_attention", 2, 3, 8, 6, 8, True, dtype=torch.float32, channels_last=channels_last,
+                        device="cpu")
+    features = args[1]
+    storage = torch.empty(features.numel() + 1, dtype=features.dtype)[1:]
+    shifted = storage.view(2, 6, 8, 8).permute(0, 3, 1, 2) if channels_last else storage.view(features.shape)
+    args[1] = shifted.copy_(features)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert args[1].data_ptr() % 16 != 0 and args[1].is_contiguous(memory_format=layout)
+    compare("dfc_attention", args, torch.float32)
+
+
 def test_inputs_with_other_strides():
     args = op_arguments("ghost_attn", 2, 3, 4, 10, 6, True, device="cpu")
     args[0] = args[0][:, :, ::2]

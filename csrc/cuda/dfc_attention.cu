@@ -132,7 +132,7 @@ cudaError_t gate_product(const DfcShape& s, const void* features, const void* ga
   const Layout layout = feature_layout(s);
   const T* f = static_cast<const T*>(features);
   const Acc* g = static_cast<const Acc*>(gate);
-  if (vectorised<T>(layout))
+  if (vectorised<T>(layout, features, out))
     return for_each(layout.numel() / kVec<T>, stream, GateProduct<T, kVec<T>>{s, f, g, static_cast<T*>(out)});
   return for_each(layout.numel(), stream, GateProduct<T, 1>{s, f, g, static_cast<T*>(out)});
 }

@@ -92,7 +92,7 @@ template <typename T>
 cudaError_t write(const GhostArgs& args, void* out, cudaStream_t stream) {
   const Ghost<T> g = Ghost<T>::of(args);
   const Layout layout = g.layout(args.shape.oup);
-  if (vectorised<T>(layout))
+  if (vectorised<T>(layout, out))
     return for_each(layout.numel() / kVec<T>, stream, Write<T, kVec<T>>{g, static_cast<T*>(out)});
   return for_each(layout.numel(), stream, Write<T, 1>{g, static_cast<T*>(out)});
 }

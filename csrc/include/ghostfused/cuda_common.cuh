@@ -101,13 +101,14 @@ struct Layout {
   }
 };
 
-// Elements of T in one 16-byte access, and whether the element-wise kernels over layout can move that many per item
-// (its innermost dimension a multiple of it; tensors from the caching allocator are 16-byte aligned).
+// Elements of T in one 16-byte access, and whether the element-wise kernels over layout can move that many per item:
+// its innermost dimension a multiple of it and every tensor they access that way 16-byte aligned (the caching
+// allocator's are; a caller's view may start anywhere).
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
-template <typename T>
-bool vectorised(const Layout& layout) {
-  return layout.inner() % kVec<T> == 0;
+template <typename T, typename... Pointers>
+bool vectorised(const Layout& layout, const Pointers*... tensors) {
+  return layout.inner() % kVec<T> == 0 && ((reinterpret_cast<uintptr_t>(tensors) % 16 == 0) && ...);
 }
 
 // Blocks of kBlock threads for a grid-stride loop over total items.

@@ -127,7 +127,7 @@ at::Tensor packed(const std::vector<at::Tensor>& values, const at::Tensor& x) {
 }
 
 at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight, bool nhwc) {
-  if (nhwc) return at::matmul(x.transpose(1, 2), weight.t()).transpose(1, 2);
+  if (nhwc) return at::matmul(x.transpose(1, 2), weight.t()).contiguous().transpose(1, 2);
   return at::matmul(weight, x).contiguous();
 }
 

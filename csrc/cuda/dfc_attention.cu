@@ -168,9 +168,11 @@ struct GateGrad {
   DfcShape s;
   const Acc* product;
   Acc* dgate;
+  // item: a gate element in the order of product's layout (in NHWC a warp's threads are adjacent channels of one
+  // gate pixel and read product coalesced); dgate itself is NCHW.
   __device__ void operator()(int64_t item) const {
-    const int64_t gj = item % s.w, gi = (item / s.w) % s.h, plane = item / (s.h * s.w);
-    const int64_t n = plane / s.channels, c = plane % s.channels;
+    const Element e = Layout{s.batch, s.channels, s.h, s.w, s.nhwc}.first(item, 1);
+    const int64_t n = e.n, c = e.c, gi = e.i, gj = e.j;
     const TapRange rows = upsample_readers(gi, s.h, s.height, s.nearest);
     const TapRange cols = upsample_readers(gj, s.w, s.width, s.nearest);
     const Layout layout = feature_layout(s);
@@ -183,7 +185,7 @@ struct GateGrad {
         row += upsample_weight<Acc>(j, gj, s.w, s.width, s.nearest) * product[layout.offset(n, c, i, j)];
       sum += wr * row;
     }
-    dgate[item] = sum;
+    dgate[((n * s.channels + c) * s.h + gi) * s.w + gj] = sum;
   }
 };
 

@@ -18,6 +18,10 @@ __host__ __device__ inline Layout pooled_layout(const DfcShape& s) {
 __host__ __device__ inline Layout feature_layout(const DfcShape& s) {
   return {s.batch, s.channels, s.height, s.width, s.nhwc};
 }
+// The gate and its gradient (the other quarter-resolution tensors are NCHW).
+__host__ __device__ inline Layout gate_layout(const DfcShape& s) { return {s.batch, s.channels, s.h, s.w, s.nhwc}; }
+// The NCHW quarter-resolution tensors z0, z1, z2 and their gradients.
+__host__ __device__ inline Layout quarter_layout(const DfcShape& s) { return {s.batch, s.channels, s.h, s.w, false}; }
 
 template <typename T>
 struct Pool {
@@ -81,13 +85,13 @@ cudaError_t conv(const DfcShape& s, bool horizontal, const void* z_in, bool in_i
 }
 
 template <typename Acc>
-struct Sigmoid {
-  int64_t channels, size;
+struct Sigmoid {  // item: a gate element, in the gate's layout
+  DfcShape s;
   const Acc *z, *scale, *shift;
   Acc* gate;
   __device__ void operator()(int64_t item) const {
-    const int64_t c = (item / size) % channels;
-    gate[item] = sigmoid(scale[c] * z[item] + shift[c]);
+    const Element e = gate_layout(s).first(item, 1);
+    gate[item] = sigmoid(scale[e.c] * z[quarter_layout(s).offset(e)] + shift[e.c]);
   }
 };
 
@@ -95,15 +99,15 @@ template <typename T>
 cudaError_t gate_sigmoid(const DfcShape& s, const void* z, const void* scale, const void* shift, void* gate,
                          cudaStream_t stream) {
   using Acc = acc_t<T>;
-  return for_each(s.batch * s.channels * s.h * s.w, stream,
-                  Sigmoid<Acc>{s.channels, s.h * s.w, static_cast<const Acc*>(z), static_cast<const Acc*>(scale),
+  return for_each(gate_layout(s).numel(), stream,
+                  Sigmoid<Acc>{s, static_cast<const Acc*>(z), static_cast<const Acc*>(scale),
                                static_cast<const Acc*>(shift), static_cast<Acc*>(gate)});
 }
 
-// The upsampled gate (Acc [N, C, h, w]) at a full-resolution element.
+// The upsampled gate at a full-resolution element.
 template <typename Acc>
 __device__ __forceinline__ Acc gate_at(const DfcShape& s, const Acc* gate, const Element& e) {
-  return upsampled(gate + (e.n * s.channels + e.c) * s.h * s.w, s.h, s.w, s.height, s.width, e.i, e.j, s.nearest);
+  return upsampled(gate, gate_layout(s), s.height, s.width, s.nearest, e.n, e.c, e.i, e.j);
 }
 
 // out = features times the upsampled gate, VEC consecutive elements (of a row, or of a pixel's channels) per item.
@@ -168,10 +172,10 @@ struct GateGrad {
   DfcShape s;
   const Acc* product;
   Acc* dgate;
-  // item: a gate element in the order of product's layout (in NHWC a warp's threads are adjacent channels of one
-  // gate pixel and read product coalesced); dgate itself is NCHW.
+  // item: a gate element, in the gate's layout (in NHWC a warp's threads are adjacent channels of one gate pixel and
+  // read product coalesced).
   __device__ void operator()(int64_t item) const {
-    const Element e = Layout{s.batch, s.channels, s.h, s.w, s.nhwc}.first(item, 1);
+    const Element e = gate_layout(s).first(item, 1);
     const int64_t n = e.n, c = e.c, gi = e.i, gj = e.j;
     const TapRange rows = upsample_readers(gi, s.h, s.height, s.nearest);
     const TapRange cols = upsample_readers(gj, s.w, s.width, s.nearest);
@@ -185,7 +189,7 @@ struct GateGrad {
         row += upsample_weight<Acc>(j, gj, s.w, s.width, s.nearest) * product[layout.offset(n, c, i, j)];
       sum += wr * row;
     }
-    dgate[((n * s.channels + c) * s.h + gi) * s.w + gj] = sum;
+    dgate[item] = sum;
   }
 };
 
@@ -197,17 +201,20 @@ cudaError_t gate_grad(const DfcShape& s, const void* product, void* dgate, cudaS
 }
 
 template <typename Acc>
-struct SigmoidBackward {
+struct SigmoidBackward {  // item: a gate element, in the gate's layout; du is NCHW
+  DfcShape s;
   const Acc *dgate, *gate;
   Acc* du;
-  __device__ void operator()(int64_t item) const { du[item] = sigmoid_backward(dgate[item], gate[item]); }
+  __device__ void operator()(int64_t item) const {
+    du[quarter_layout(s).offset(gate_layout(s).first(item, 1))] = sigmoid_backward(dgate[item], gate[item]);
+  }
 };
 
 template <typename T>
 cudaError_t sigmoid_grad(const DfcShape& s, const void* dgate, const void* gate, void* du, cudaStream_t stream) {
   using Acc = acc_t<T>;
-  return for_each(s.batch * s.channels * s.h * s.w, stream,
-                  SigmoidBackward<Acc>{static_cast<const Acc*>(dgate), static_cast<const Acc*>(gate),
+  return for_each(gate_layout(s).numel(), stream,
+                  SigmoidBackward<Acc>{s, static_cast<const Acc*>(dgate), static_cast<const Acc*>(gate),
                                        static_cast<Acc*>(du)});
 }
 

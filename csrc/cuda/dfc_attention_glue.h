@@ -13,7 +13,7 @@ struct DfcState {
   at::Tensor horizontal_weight;  // [C, K]
   at::Tensor vertical_weight;    // [C, K]
   at::Tensor pooled;             // [N, Cin, h * w], a view of [N, h * w, Cin] when shape.nhwc
-  at::Tensor z0, z1, z2, gate;   // [N, C, h * w]
+  at::Tensor z0, z1, z2, gate;   // [N, C, h * w]; the gate's memory [N, h * w, C] when shape.nhwc
   std::vector<DeviceBatchNorm> bns;
 
   cuda::GateView view() const;

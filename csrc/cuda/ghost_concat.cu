@@ -66,7 +66,7 @@ struct Ghost {
   // The upsampled gate of output channel oc at (i, j); 1 without a gate.
   __device__ Acc gate_at(int64_t n, int64_t oc, int64_t i, int64_t j) const {
     if (gate == nullptr) return Acc(1);
-    return upsampled(gate + (n * s.oup + oc) * gate_h * gate_w, gate_h, gate_w, s.height, s.width, i, j, nearest);
+    return upsampled(gate, Layout{s.batch, s.oup, gate_h, gate_w, s.nhwc}, s.height, s.width, nearest, n, oc, i, j);
   }
 };
 

@@ -282,14 +282,18 @@ cudaError_t reduce_tap_sums(Term term, int64_t batch, int64_t size, int64_t chan
   return launch(channel_tap_sums_kernel<false, Term>, grid, stream, term, batch, size, channels, taps, partials);
 }
 
-// The upsampled gate at full-resolution (i, j) of one [h, w] gate plane (Acc), ghostfused/index_maps.h.
+// The DFC gate (Acc, [N, C, h, w] in `layout`: NHWC with an NHWC call, so that the threads of a warp, adjacent
+// channels there, read adjacent gate values) upsampled to full-resolution (i, j) of channel c of sample n
+// (ghostfused/index_maps.h).
 template <typename Acc>
-__device__ __forceinline__ Acc upsampled(const Acc* plane, int64_t h, int64_t w, int64_t H, int64_t W, int64_t i,
-                                         int64_t j, bool nearest) {
-  if (nearest) return plane[nearest_source_index(i, h, H) * w + nearest_source_index(j, w, W)];
-  const BilinearTap<Acc> r = bilinear_tap<Acc>(i, h, H), c = bilinear_tap<Acc>(j, w, W);
-  return r.w0 * (c.w0 * plane[r.i0 * w + c.i0] + c.w1 * plane[r.i0 * w + c.i1]) +
-         r.w1 * (c.w0 * plane[r.i1 * w + c.i0] + c.w1 * plane[r.i1 * w + c.i1]);
+__device__ __forceinline__ Acc upsampled(const Acc* gate, const Layout& layout, int64_t H, int64_t W, bool nearest,
+                                         int64_t n, int64_t c, int64_t i, int64_t j) {
+  const int64_t h = layout.height, w = layout.width;
+  const auto at = [&](int64_t r, int64_t q) { return gate[layout.offset(n, c, r, q)]; };
+  if (nearest) return at(nearest_source_index(i, h, H), nearest_source_index(j, w, W));
+  const BilinearTap<Acc> r = bilinear_tap<Acc>(i, h, H), q = bilinear_tap<Acc>(j, w, W);
+  return r.w0 * (q.w0 * at(r.i0, q.i0) + q.w1 * at(r.i0, q.i1)) +
+         r.w1 * (q.w0 * at(r.i1, q.i0) + q.w1 * at(r.i1, q.i1));
 }
 
 // The weight with which full-resolution index i contributes to source index s of the upsampling (0 if none).

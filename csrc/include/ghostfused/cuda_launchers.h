@@ -3,7 +3,8 @@
 //
 // Conventions: full-resolution tensors ([N, C, H, W]: x, features, outputs and their gradients, y1, dy2, product)
 // are dense, NCHW or NHWC (channels_last) as the shape's `nhwc` says, all of one call in the same layout; the
-// quarter-resolution DFC intermediates after the pooling are NCHW. `dtype` is the element type of the op's inputs and
+// quarter-resolution DFC intermediates after the pooling are NCHW, but for the gate and its gradient, which follow
+// the call's layout. `dtype` is the element type of the op's inputs and
 // outputs; per-channel coefficients (BatchNorm scale / shift, backward coefficients) and the quarter-resolution DFC
 // intermediates are in the accumulation type Acc (float, double for float64 inputs); statistics and their partial
 // sums are double. Reductions are deterministic: a per-channel reduction splits each channel's values into fixed
@@ -58,7 +59,8 @@ struct GhostShape {
   bool nhwc;  // the layout of x, y1, dy2, grad_out, product and the output
 };
 
-// The quarter-resolution DFC gate [N, channels, h, w] (Acc), upsampled to the Ghost output's [H, W].
+// The quarter-resolution DFC gate [N, channels, h, w] (Acc, in the call's layout), upsampled to the Ghost output's
+// [H, W].
 struct GateView {
   const void* data;  // null: no gate
   int64_t channels, h, w;
@@ -119,7 +121,7 @@ cudaError_t launch_average_pool(DType dtype, const DfcShape& shape, const void* 
 cudaError_t launch_dfc_conv(DType dtype, const DfcShape& shape, bool horizontal, const void* z_in, bool in_is_dtype,
                             const void* scale, const void* shift, const void* taps, void* z_out,
                             cudaStream_t stream);
-// gate (Acc) = sigmoid(scale * z + shift), z [N, C, h, w] (Acc).
+// gate (Acc, in the call's layout) = sigmoid(scale * z + shift), z [N, C, h, w] (Acc).
 cudaError_t launch_dfc_sigmoid(DType dtype, const DfcShape& shape, const void* z, const void* scale,
                                const void* shift, void* gate, cudaStream_t stream);
 // out [N, C, H, W] (dtype) = features times the upsampled gate.
@@ -129,11 +131,11 @@ cudaError_t launch_gate_product(DType dtype, const DfcShape& shape, const void* 
 cudaError_t launch_gate_product_backward(DType dtype, const DfcShape& shape, const void* grad_out,
                                          const void* features, const void* gate, void* dfeatures, void* product,
                                          cudaStream_t stream);
-// dgate [N, C, h, w] (Acc) = the transposed upsampling of product [N, C, H, W] (Acc), each gate element a gather
-// over its full-resolution window in a fixed order.
+// dgate [N, C, h, w] (Acc, the gate's layout) = the transposed upsampling of product [N, C, H, W] (Acc), each gate
+// element a gather over its full-resolution window in a fixed order.
 cudaError_t launch_gate_grad(DType dtype, const DfcShape& shape, const void* product, void* dgate,
                              cudaStream_t stream);
-// du = sigmoid'(dgate, gate) (Acc): the gradient of the last BatchNorm's output.
+// du (Acc, NCHW) = sigmoid'(dgate, gate): the gradient of the last BatchNorm's output.
 cudaError_t launch_sigmoid_backward(DType dtype, const DfcShape& shape, const void* dgate, const void* gate,
                                     void* du, cudaStream_t stream);
 // partials[chunk][c] (GradSums) of du against z (both [N, C, h, w]; z in dtype when z_is_dtype, else Acc).

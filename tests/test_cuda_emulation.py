@@ -36,10 +36,35 @@ def emulated_cuda_backend():
     cuda_emulation.load()
 
 
+def raw(op, direction):
+    return lambda *args: cuda_emulation.call(f"{op}_{direction}", *args)
+
+
+def forward(op):
+    return lambda *args: raw(op, "forward")(*args)[:3]
+
+
+def backward(op):
+    return lambda grad, *args: raw(op, "backward")(grad, NOTHING_SAVED, *args)
+
+
+def compare(op, args, dtype, scale=1.0):
+    compare_op_with_reference(op, args, dtype, forward(op), backward(op), scale)
+
+
+@contextlib.contextmanager
+def reversed_thread_order():
+    torch.ops.ghostfused_emulation.set_reverse_order(True)
+    try:
+        yield
+    finally:
+        torch.ops.ghostfused_emulation.set_reverse_order(False)
+
+
 def test_emulation_runs_blocks_as_cuda_does():
     """The emulation's own semantics: warp shuffles (lanes past the warp keep their value), a barrier that orders
-    shared-memory writes before reads, the fixed-order block reduction, and a barrier some threads never reach
-    failing the launch instead of hanging."""
+    shared-memory writes before reads, the fixed-order block reduction, a barrier some threads never reach failing
+    the launch instead of hanging, and a read without a barrier whose result depends on the thread order."""
     threads = 256
     lane = torch.arange(threads, dtype=torch.float64)
     out, error = torch.ops.ghostfused_emulation.self_test("shuffle")
@@ -55,15 +80,6 @@ def test_emulation_runs_blocks_as_cuda_does():
     with reversed_thread_order():
         last_to_first = torch.ops.ghostfused_emulation.self_test("race")[0] % threads
     assert torch.equal(last_to_first, (lane + 1) % threads) and not torch.equal(first_to_last, last_to_first)
-
-
-@contextlib.contextmanager
-def reversed_thread_order():
-    torch.ops.ghostfused_emulation.set_reverse_order(True)
-    try:
-        yield
-    finally:
-        torch.ops.ghostfused_emulation.set_reverse_order(False)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -84,22 +100,6 @@ def test_kernels_are_race_free_in_either_thread_order(op, channels_last, trainin
         actual = run()
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert torch.equal(a, e), f"result {i} depends on the order of the threads"
-
-
-def raw(op, direction):
-    return lambda *args: cuda_emulation.call(f"{op}_{direction}", *args)
-
-
-def forward(op):
-    return lambda *args: raw(op, "forward")(*args)[:3]
-
-
-def backward(op):
-    return lambda grad, *args: raw(op, "backward")(grad, NOTHING_SAVED, *args)
-
-
-def compare(op, args, dtype, scale=1.0):
-    compare_op_with_reference(op, args, dtype, forward(op), backward(op), scale)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -201,6 +201,7 @@ def compare_op_with_reference(op, args, dtype, forward, backward, scale=1.0):
             f"{tuple(int(k) for k in torch.unravel_index(excess.argmax(), e.shape))}: {a.flatten()[excess.argmax()]} "
             f"against {e.flatten()[excess.argmax()]} (eager in {dtype}: {h.flatten()[excess.argmax()]})")
 
+
 # (n, cin, oup, H, W, options) of op_arguments: odd and non-square sizes, the 7x7 of the last stage, N = 1 and 3, the
 # smallest pooled size (2x3), odd and even oup, K = 3 and 7, dw = 5, ratio 3, bilinear, no ReLU, channels_last.
 OP_CASES = {

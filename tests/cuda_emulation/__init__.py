@@ -8,8 +8,9 @@ the ``ghostfused_C`` ops, as the CUDA build does. The main extension (a CPU buil
 options, its GEMMs run on the CPU, and the kernels run in the emulation.
 
 What this checks and what it cannot: the kernels' index maps, layouts, reductions (their fixed order, barriers and
-warp shuffles), dtype conversions and the glue's sequence of launches, against the eager reference. Not checked:
-data races between threads of a block (they run one at a time), memory coalescing, speed, cuBLAS.
+warp shuffles), dtype conversions and the glue's sequence of launches, against the eager reference, and races between
+the threads of a block as far as they make a result depend on the order the threads run in (set_reverse_order). Not
+checked: memory-model effects of real concurrency, memory coalescing, speed, cuBLAS.
 """
 
 import importlib

@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <memory>
@@ -126,8 +127,9 @@ void sync_threads() {
   wait(block.block_barrier, static_cast<int>(block.fibers.size()));
 }
 
-void warp_exchange(const void* value, std::size_t bytes, unsigned int source, void* out) {
-  const unsigned int self = linear(thread_index()), warp = self / kWarp;
+void warp_shuffle_down(const void* value, std::size_t bytes, unsigned int delta, void* out) {
+  const unsigned int self = linear(thread_index()), warp = self / kWarp, lane = self % kWarp;
+  const unsigned int source = lane + delta < kWarp ? lane + delta : lane;
   Barrier& barrier = block.warp_barriers[warp];
   std::vector<std::uint64_t>& buffer = block.exchange[barrier.generation % 2];
   std::memcpy(&buffer[self], value, bytes);

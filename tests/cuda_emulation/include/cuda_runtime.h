@@ -36,9 +36,9 @@ const dim3& grid_dim();
 const dim3& block_dim();
 // Waits until every thread of the block has arrived (a thread that never arrives fails the launch).
 void sync_threads();
-// Publishes bytes of value for the calling thread's warp and copies lane `source`'s into out (every lane of the
-// warp must call it).
-void warp_exchange(const void* value, std::size_t bytes, unsigned int source, void* out);
+// Publishes bytes of value for the calling thread's warp and copies into out the value of lane + delta, or its own
+// past the warp's end (__shfl_down_sync; every lane of the warp must call it).
+void warp_shuffle_down(const void* value, std::size_t bytes, unsigned int delta, void* out);
 // Runs thread_body for every thread of every block of the grid; a deadlock makes the launch fail.
 void run(dim3 grid, dim3 block, const std::function<void()>& thread_body);
 // Run each block's threads last to first instead of first to last between barriers: a kernel whose threads read
@@ -58,14 +58,13 @@ cudaError_t last_error(bool clear);
 
 inline void __syncthreads() { ghostfused::emulation::sync_threads(); }
 
-// CUDA semantics for a full warp of 32 lanes: lane l receives lane l + delta's value, or its own past the warp's end.
+// For a full warp of 32 lanes, as CUDA's.
 template <typename T>
 T __shfl_down_sync(unsigned int mask, T value, unsigned int delta) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   if (mask != 0xffffffffu) ghostfused::emulation::fail("__shfl_down_sync with a partial mask");
-  const unsigned int lane = (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;
-  T result = value;
-  ghostfused::emulation::warp_exchange(&value, sizeof(T), lane + delta < 32 ? lane + delta : lane, &result);
+  T result;
+  ghostfused::emulation::warp_shuffle_down(&value, sizeof(T), delta, &result);
   return result;
 }
 
